@@ -1,0 +1,37 @@
+"""bnfold: unfold QKeras batchnorm-folded layers and export them for hardware flows.
+
+The first three functions keep the names and signatures of
+``qkeras.bn_folding_utils``, so existing code switches by changing one import.
+
+Names are loaded on first use, so that ``import bnfold`` and command-line
+``--help`` stay fast; TensorFlow is imported, through ``bnfold.keras``, by the
+first name that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "convert_folded_layer_to_unfolded": "bnfold.folding",
+    "load_model": "bnfold.loading",
+    "unfold_model": "bnfold.unfold",
+}
+_SUBMODULES = ("layers",)
+
+__all__ = ["__version__", *_PUBLIC, *_SUBMODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"bnfold.{name}")
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,23 @@
+"""The errors bnfold raises for problems a user can cause.
+
+Every message states the constraint first, then what was received, and names
+the file, layer, class or quantizer at fault.
+"""
+
+from __future__ import annotations
+
+
+class BnfoldError(Exception):
+    """Base class of every error bnfold raises on purpose."""
+
+
+class ModelFileError(BnfoldError, OSError):
+    """A model file or directory cannot be read as a Keras model."""
+
+
+class UnsupportedLayerError(BnfoldError, TypeError):
+    """A layer of a class bnfold cannot handle at this stage."""
+
+
+class InvalidWeightsError(BnfoldError, ValueError):
+    """A layer's weights cannot be folded (NaN, inf, negative variance)."""

@@ -1,0 +1,143 @@
+"""Small folded QKeras models covering the topologies and layer settings users meet."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import bnfold
+from bnfold.folding import folded_layer_type
+from bnfold.keras import keras, qkeras
+
+q = qkeras
+INPUT_QUANTIZER = "quantized_bits(8,3,1,alpha=1)"
+
+
+def randomize_folded_layer(layer, rng: np.random.Generator) -> None:
+    """Give a built folded layer a random kernel and non-trivial batchnorm statistics."""
+    variables = [getattr(layer, folded_layer_type(layer).kernel)]
+    variables += [layer.bias] if layer.use_bias else []
+    for variable in variables:
+        variable.assign(rng.normal(0, 0.5, variable.shape).astype(np.float32))
+    channels = layer.batchnorm.moving_mean.shape
+    statistics = (
+        rng.uniform(0.5, 2.0, channels) * rng.choice([-1, 1], channels),  # gamma
+        rng.normal(0, 0.5, channels),  # beta
+        rng.normal(0, 0.5, channels),  # moving mean
+        rng.uniform(0.1, 3.0, channels),  # moving variance
+    )
+    layer.batchnorm.set_weights([w.astype(np.float32) for w in statistics])
+
+
+def randomize_batchnorm(model: keras.Model, seed: int = 0) -> keras.Model:
+    """Randomize every folded layer of ``model``, nested ones included."""
+    rng = np.random.default_rng(seed)
+    for layer in _all_layers(model):
+        if folded_layer_type(layer) is not None:
+            randomize_folded_layer(layer, rng)
+    return model
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def grid_inputs(model: keras.Model, batch: int = 16, seed: int = 1) -> list[np.ndarray]:
+    """Inputs on the grid of ``INPUT_QUANTIZER`` (step 1/16, range [-8, 8))."""
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.integers(-128, 128, (batch, *shape[1:])) / 16).astype(np.float32)
+        for shape in (tensor.shape for tensor in model.inputs)
+    ]
+
+
+def sequential_conv() -> keras.Model:
+    model = keras.Sequential(
+        [
+            keras.Input((10, 10, 3)),
+            q.QConv2DBatchnorm(
+                6, 3, padding="same", kernel_quantizer="quantized_bits(4,0,1,alpha=1)",
+                bias_quantizer="quantized_bits(10,4,1)", name="conv",
+            ),
+            q.QActivation("quantized_relu(4,1)", name="relu"),
+            q.QDepthwiseConv2DBatchnorm(
+                3, strides=2, depth_multiplier=2, depthwise_quantizer="quantized_bits(4,0,1)",
+                bias_quantizer="quantized_bits(12,5,1)", use_bias=False, name="dw",
+            ),
+            q.QActivation("quantized_relu(6,2)", name="relu2"),
+            keras.layers.Flatten(name="flatten"),
+            bnfold.layers.QDenseBatchnorm(
+                5, kernel_quantizer="quantized_bits(6,0,1)",
+                bias_quantizer="quantized_bits(12,4,1)", name="dense",
+            ),
+        ],
+        name="sequential_conv",
+    )
+    return randomize_batchnorm(model)
+
+
+def multi_io() -> keras.Model:
+    """Two inputs, two outputs, a skip connection, a shared layer, dilation, no bias quantizer."""
+    image = keras.Input((12, 12, 2), name="image")
+    side = keras.Input((7,), name="side")
+    x = q.QConv2DBatchnorm(
+        4, 3, padding="same", dilation_rate=2, kernel_quantizer="quantized_bits(5,1,1)",
+        bias_quantizer=None, activation="quantized_relu(6,3)", name="conv_a",
+    )(image)
+    y = q.QConv2DBatchnorm(
+        4, 1, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer="quantized_bits(8,3,1)",
+        name="conv_b",
+    )(x)
+    x = keras.layers.Add(name="skip")([x, y])
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    shared = bnfold.layers.QDenseBatchnorm(
+        4, kernel_quantizer="quantized_bits(6,1,1)", bias_quantizer="quantized_bits(10,4,1)",
+        name="shared_dense",
+    )
+    side_features = q.QDense(
+        4, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer="quantized_bits(8,3,1)",
+        name="side_dense",
+    )(side)
+    first = shared(x)
+    second = shared(side_features)
+    merged = keras.layers.Concatenate(name="concat")([first, second])
+    out_a = q.QActivation("quantized_relu(8,4)", name="out_a")(merged)
+    out_b = bnfold.layers.QDenseBatchnorm(
+        3, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer=None, name="head",
+    )(second)
+    return randomize_batchnorm(keras.Model([image, side], [out_a, out_b], name="multi_io"))
+
+
+def nested() -> keras.Model:
+    """A functional model holding a Sequential block and a functional block."""
+    block_in = keras.Input((8, 8, 4))
+    block_out = q.QDepthwiseConv2DBatchnorm(
+        3, padding="same", depthwise_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer="quantized_bits(10,4,1)", activation="quantized_relu(4,2)", name="dw",
+    )(block_in)
+    block = keras.Model(block_in, block_out, name="dw_block")
+    stem = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            q.QConv2DBatchnorm(
+                4, 3, padding="same", kernel_quantizer="quantized_bits(4,0,1)",
+                bias_quantizer="quantized_bits(10,4,1)", name="conv",
+            ),
+            q.QActivation("quantized_relu(4,2)", name="relu"),
+        ],
+        name="stem",
+    )
+    inputs = keras.Input((8, 8, 3), name="x")
+    x = block(stem(inputs))
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = bnfold.layers.QDenseBatchnorm(
+        6, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer="quantized_bits(10,4,1)",
+        name="dense",
+    )(x)
+    return randomize_batchnorm(keras.Model(inputs, x, name="nested"))
+
+
+BUILDERS = {"sequential_conv": sequential_conv, "multi_io": multi_io, "nested": nested}

@@ -1,0 +1,35 @@
+"""Checks that keep the repository's documents and settings in step with the code."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from bnfold.folding import FOLDED_LAYER_TYPES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_layer_table_matches_folded_layer_types():
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (Q\w+Batchnorm) \| (\w+) \| (\w+) \|$", readme, re.MULTILINE)
+    expected = [(e.folded, e.plain.__name__, e.kernel_quantizer)
+                for e in FOLDED_LAYER_TYPES.values()]
+    assert rows == expected
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```sh\n(.+?)\n```", readme, re.DOTALL)
+    assert len(commands) >= 2
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_ruff_is_clean():
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "src", "tests", "scripts"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
