@@ -80,7 +80,7 @@ def sequential_conv() -> keras.Model:
 
 def multi_io() -> keras.Model:
     """Two inputs, two outputs, a skip connection, a shared layer, dilation, no bias quantizer."""
-    image = keras.Input((12, 12, 2), name="image")
+    image = keras.Input((16, 16, 2), name="image")
     side = keras.Input((7,), name="side")
     x = q.QConv2DBatchnorm(
         4, 3, padding="same", dilation_rate=2, kernel_quantizer="quantized_bits(5,1,1)",
@@ -141,3 +141,30 @@ def nested() -> keras.Model:
 
 
 BUILDERS = {"sequential_conv": sequential_conv, "multi_io": multi_io, "nested": nested}
+
+
+def all_layers(model: keras.Model):
+    """Every layer of ``model``, inside nested models too."""
+    return _all_layers(model)
+
+
+def unpopulated() -> keras.Model:
+    """All three folded types, some without a bias quantizer, one with a float Dense after."""
+    inputs = keras.Input((8, 8, 3), name="x")
+    x = q.QConv2DBatchnorm(
+        4, 3, padding="same", kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer=None,
+        activation="quantized_relu(4,1)", name="conv",
+    )(inputs)
+    x = q.QDepthwiseConv2DBatchnorm(
+        3, depthwise_quantizer="quantized_bits(4,0,1)", bias_quantizer=None, name="dw",
+    )(x)
+    x = q.QActivation("quantized_relu(5,2)", name="relu")(x)
+    x = q.QConv2DBatchnorm(
+        4, 1, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer="quantized_bits(12,5,1)",
+        activation="quantized_relu(4,1)", name="pointwise",
+    )(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = bnfold.layers.QDenseBatchnorm(
+        5, kernel_quantizer="quantized_bits(5,0,1)", bias_quantizer=None, name="dense",
+    )(x)
+    return randomize_batchnorm(keras.Model(inputs, x, name="unpopulated"))

@@ -17,8 +17,11 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "convert_folded_layer_to_unfolded": "bnfold.folding",
-    "load_model": "bnfold.loading",
+    "populate_bias_quantizer_from_accumulator": "bnfold.accumulator",
     "unfold_model": "bnfold.unfold",
+    "accumulator_types": "bnfold.accumulator",
+    "load_model": "bnfold.loading",
+    "FixedPoint": "bnfold.fixedpoint",
 }
 _SUBMODULES = ("layers",)
 

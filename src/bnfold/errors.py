@@ -21,3 +21,16 @@ class UnsupportedLayerError(BnfoldError, TypeError):
 
 class InvalidWeightsError(BnfoldError, ValueError):
     """A layer's weights cannot be folded (NaN, inf, negative variance)."""
+
+
+class TypeInferenceError(BnfoldError, ValueError):
+    """A layer needs a fixed-point type that cannot be inferred (float inputs or weights)."""
+
+
+class QuantizerError(BnfoldError, ValueError):
+    """A quantizer bnfold cannot read, or that has no fixed-point type where one is needed.
+
+    Raised for malformed quantizer strings, unknown names, float (no quantizer)
+    where a type is required, and QKeras quantizers whose outputs are not on a
+    fixed-point grid (stochastic, u-law, tanh, sigmoid, ...).
+    """

@@ -1,0 +1,805 @@
+"""The fixed-point type of the project, and the one place QKeras quantizers are parsed.
+
+``FixedPoint(bits, integer, signed, narrow)`` counts integer bits as QKeras does,
+without the sign bit: ``quantized_bits(8, 3, keep_negative=1)`` is
+``FixedPoint(8, 3, True)`` with step ``2**(3 - 7)`` and range ``[-2**3, 2**3 - step]``.
+A narrow signed type drops the most negative value, so ``min == -max``:
+``quantized_bits(8, 3, symmetric=1)`` is ``FixedPoint(8, 3, True, narrow=True)``. The
+four fields are exactly the parameters of a QKeras ``quantized_bits`` (bits, integer,
+symmetric, keep_negative) and of a QONNX ``Quant`` node (bitwidth, scale=step, signed,
+narrow). A QONNX unsigned ``Quant`` with ``narrow=1`` drops its largest code instead;
+no ``FixedPoint`` is that. hls4ml's ``ap_fixed<W, I>`` counts the sign bit in ``I`` and
+has no narrow form; :meth:`FixedPoint.hls` does that conversion.
+
+A ``FixedPoint`` is a set of values: every multiple of ``step`` in ``[min, max]``.
+:meth:`FixedPoint.from_quantizer` returns a type holding every value a QKeras quantizer
+can output at inference. For ``quantized_bits`` and ``quantized_relu`` the type is
+exactly the quantizer's grid; for power-of-two, binary and ternary quantizers it is the
+narrowest grid holding their values (narrow when signed: they never output ``-2**integer``).
+
+Accumulator arithmetic (:meth:`FixedPoint.product`, :meth:`FixedPoint.sum_of`,
+:meth:`FixedPoint.widen`, :meth:`FixedPoint.union`) follows the ``ap_fixed`` rules,
+which hls4ml's precision inference also uses, refined by narrowness. With narrow
+(symmetric) weights, which QKeras's ``auto_po2`` kernels always are, the product rule
+equals QKeras qtools's. The one difference: the product of two full-range (non-narrow)
+signed types gets one more integer bit than qtools gives, because
+``(-2**a) * (-2**b) = 2**(a + b)`` does not fit ``a + b`` integer bits (qtools overflows).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from bnfold.errors import QuantizerError
+from bnfold.keras import quantizers
+
+__all__ = [
+    "FixedPoint",
+    "QuantizerError",
+    "as_quantizer",
+    "parse_quantizer",
+]
+
+
+# Every quantizer class of QKeras 0.9.0. A name outside this set is never instantiated.
+_QKERAS_QUANTIZERS = frozenset(
+    {
+        "bernoulli",
+        "binary",
+        "quantized_bits",
+        "quantized_hswish",
+        "quantized_po2",
+        "quantized_relu",
+        "quantized_relu_po2",
+        "quantized_sigmoid",
+        "quantized_tanh",
+        "quantized_ulaw",
+        "stochastic_binary",
+        "stochastic_ternary",
+        "ternary",
+    }
+)
+
+_SUPPORTED = (
+    "quantized_bits (alpha None or 1), quantized_relu (use_sigmoid 0, negative_slope 0), "
+    "quantized_po2, quantized_relu_po2 (negative_slope 0), binary and ternary "
+    "(alpha None or 1); alpha 'auto' or 'auto_po2' only with allow_scale=True"
+)
+
+_REFUSED = {
+    "bernoulli": "it samples its output at random",
+    "stochastic_binary": "it samples its output at random",
+    "stochastic_ternary": "it samples its output at random",
+    "quantized_ulaw": "its levels are u-law companded, not a uniform grid",
+    "quantized_tanh": "it applies tanh before quantizing, which bnfold does not export",
+    "quantized_sigmoid": "it applies a sigmoid before quantizing, which bnfold does not export",
+    "quantized_hswish": "it applies hard swish before quantizing, which bnfold does not export",
+}
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """A binary fixed-point type: ``bits`` wide, ``integer`` bits left of the point.
+
+    ``integer`` excludes the sign bit (the QKeras convention) and may be negative or
+    larger than ``bits``. The values are the multiples of ``step`` in ``[min, max]``.
+    A narrow signed type drops the most negative value, ``-2**integer``, so that
+    ``min == -max`` (QKeras ``symmetric=1``, QONNX ``narrow=1``). An unsigned type is
+    never narrow: ``narrow`` is normalized to ``signed and narrow``.
+
+    Attributes:
+        bits: Total width, sign bit included; at least 1.
+        integer: Integer bits, sign bit excluded.
+        signed: Whether the type is two's complement.
+        narrow: Whether a signed type leaves out ``-2**integer``.
+    """
+
+    bits: int
+    integer: int
+    signed: bool
+    narrow: bool = False
+
+    def __post_init__(self) -> None:
+        bits = _plain_int(self.bits, "bits")
+        integer = _plain_int(self.integer, "integer")
+        if self.signed not in (True, False):
+            raise ValueError(f"FixedPoint.signed must be a bool. Received: signed={self.signed!r}")
+        if self.narrow not in (True, False):
+            raise ValueError(f"FixedPoint.narrow must be a bool. Received: narrow={self.narrow!r}")
+        if bits < 1:
+            raise ValueError(f"FixedPoint needs at least 1 bit. Received: bits={bits}")
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "integer", integer)
+        object.__setattr__(self, "signed", bool(self.signed))
+        object.__setattr__(self, "narrow", bool(self.signed and self.narrow))
+
+    # ----------------------------------------------------------------- the value set
+
+    @property
+    def fractional(self) -> int:
+        """Bits right of the binary point (negative when ``step`` is above 1)."""
+        return self.bits - self.signed - self.integer
+
+    @property
+    def step(self) -> float:
+        """Distance between neighbouring values, ``2**-fractional``."""
+        return math.ldexp(1.0, -self.fractional)
+
+    @property
+    def min(self) -> float:
+        """Smallest value: 0 if unsigned, ``-max`` if narrow, else ``-2**integer``.
+
+        Exact like :attr:`max`; for wide narrow types it is the smallest float above the
+        exact minimum, so ``value >= min`` stays an exact test for any float.
+        """
+        if not self.signed:
+            return 0.0
+        if self.narrow:
+            return -self.max
+        return -math.ldexp(1.0, self.integer)
+
+    @property
+    def max(self) -> float:
+        """Largest value, ``2**integer - step``.
+
+        Exact while ``bits - signed <= 53``; wider types return the largest float below
+        the exact maximum, so ``value <= max`` stays an exact test for any float.
+        """
+        if self.bits - self.signed <= 53:
+            return math.ldexp(1.0, self.integer) - self.step
+        return math.nextafter(math.ldexp(1.0, self.integer), 0.0)
+
+    def contains(self, values: Any) -> bool:
+        """Whether every value is a multiple of ``step`` within ``[min, max]``.
+
+        Args:
+            values: A number or anything ``numpy.asarray`` accepts.
+
+        Returns:
+            True if the type represents every value exactly.
+        """
+        array = np.asarray(values, dtype=np.float64)
+        if not np.all(np.isfinite(array)):
+            return False
+        codes = array / self.step  # exact: step is a power of two
+        return bool(
+            np.all(codes == np.floor(codes))
+            and np.all(array >= self.min)
+            and np.all(array <= self.max)
+        )
+
+    def holds(self, low: float, high: float) -> bool:
+        """Whether ``[low, high]`` lies within ``[min, max]`` (the grid is not checked)."""
+        low, high = float(low), float(high)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return False
+        minimum, maximum = self._exact_bounds()
+        return minimum <= Fraction(low) and Fraction(high) <= maximum
+
+    def includes(self, other: FixedPoint) -> bool:
+        """Whether every value of ``other`` is a value of this type."""
+        minimum, maximum = self._exact_bounds()
+        other_min, other_max = other._exact_bounds()
+        return other.fractional <= self.fractional and minimum <= other_min and other_max <= maximum
+
+    def quantize(self, values: Any) -> np.ndarray:
+        """Rounds to the grid (half to even) and saturates, exactly as ``quantized_bits``.
+
+        This is the numpy reference for :meth:`to_quantizer`: for float32 inputs whose
+        magnitude is below ``2**24 * step`` it gives the same values as QKeras. A narrow
+        type saturates at ``min == -max``, as QKeras's ``symmetric=1``.
+
+        Args:
+            values: Inputs, anything ``numpy.asarray`` accepts.
+
+        Returns:
+            A float64 array of values of this type.
+        """
+        codes = np.round(np.asarray(values, dtype=np.float64) / self.step)
+        lowest = -(1 << (self.bits - 1)) + int(self.narrow) if self.signed else 0
+        highest = (1 << (self.bits - self.signed)) - 1
+        return np.clip(codes, lowest, highest) * self.step
+
+    # ------------------------------------------------------------ accumulator algebra
+
+    def product(self, other: FixedPoint) -> FixedPoint:
+        """The type of ``a * b`` for ``a`` of this type and ``b`` of ``other``.
+
+        Bits add, integer bits add, and the result is signed if either side is. Only
+        when both sides are signed and neither is narrow does one more integer bit hold
+        ``(-2**i) * (-2**j) = 2**(i + j)`` (qtools omits it; ``ap_fixed`` keeps it).
+        Otherwise one side, say ``a``, has ``|a| <= 2**i - step_a``, so
+        ``|a * b| <= (2**i - step_a) * 2**j < 2**(i + j)``; on the grid
+        ``step_a * step_b`` that is at most ``2**(i + j) - step``: the product fits
+        ``i + j`` integer bits and, when signed, is narrow.
+
+        No bit is lost on the right: the step is the product of the steps, except for
+        two signed sides of which one is narrow. Their product then has qtools's widths,
+        two sign bits' worth of width for one sign, so its step is half the product of
+        the steps (the last bit of every product is 0).
+        """
+        extra = self.signed and other.signed and not (self.narrow or other.narrow)
+        return FixedPoint(
+            self.bits + other.bits,
+            self.integer + other.integer + extra,
+            self.signed or other.signed,
+            narrow=not extra,
+        )
+
+    def sum_of(self, count: int) -> FixedPoint:
+        """The type of a sum of ``count`` values of this type: both widths grow by
+        ``g = ceil(log2(count))``.
+
+        A narrow type stays narrow: the sum lies within ``+-count * max``, and
+        ``count * (2**i - step) <= 2**(i + g) - step``.
+        """
+        count = _plain_int(count, "count")
+        if count < 1:
+            raise ValueError(f"sum_of needs at least one term. Received: count={count}")
+        growth = (count - 1).bit_length()
+        return self.widen(growth, growth)
+
+    def widen(self, extra_bits: int = 0, extra_integer: int = 0) -> FixedPoint:
+        """This type with ``extra_bits`` more bits, ``extra_integer`` of them integer bits.
+
+        ``widen(1, 1)`` is the accumulator of a sum of products plus a bias of the
+        sum-of-products type. ``narrow`` is kept: ``widen(1, 1)`` of a narrow type holds
+        the sum of one of its values and one value of its non-narrow twin, since
+        ``-(2**i - step) - 2**i = -(2**(i + 1) - step)``.
+        """
+        return FixedPoint(
+            self.bits + extra_bits, self.integer + extra_integer, self.signed, self.narrow
+        )
+
+    def union(self, other: FixedPoint) -> FixedPoint:
+        """A type holding every value of this type and of ``other``.
+
+        Bits and integer bits are the narrowest that hold both. The result is narrow only
+        when both types are narrow with the same ``integer``; otherwise it is full-range,
+        a conservative superset.
+        """
+        signed = self.signed or other.signed
+        integer = max(self.integer, other.integer)
+        fractional = max(self.fractional, other.fractional)
+        narrow = self.narrow and other.narrow and self.integer == other.integer
+        return FixedPoint(integer + fractional + signed, integer, signed, narrow)
+
+    @classmethod
+    def narrowest_holding(cls, low: float, high: float, step: float) -> FixedPoint:
+        """The narrowest type with this ``step`` whose range covers ``[low, high]``.
+
+        Signed exactly when ``low < 0``, and then narrow exactly when the narrow type
+        still covers ``low`` (for ``low`` on the grid: ``low > -2**integer``). Used where
+        actual values are known (weights, power-of-two exponent ranges) and a type from
+        widths alone would be too wide.
+
+        Args:
+            low: Smallest value to hold.
+            high: Largest value to hold.
+            step: Grid step, a positive power of two.
+
+        Returns:
+            The narrowest such ``FixedPoint``.
+
+        Raises:
+            ValueError: If ``step`` is not a power of two or the bounds are not finite
+                with ``low <= high``.
+        """
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            raise ValueError(
+                "narrowest_holding needs finite bounds with low <= high. "
+                f"Received: low={low!r}, high={high!r}"
+            )
+        mantissa, exponent = math.frexp(step) if step > 0 else (0.0, 0)
+        if mantissa != 0.5:
+            raise ValueError(
+                f"narrowest_holding needs a positive power-of-two step. Received: step={step!r}"
+            )
+        fractional = 1 - exponent
+        signed = low < 0
+        magnitude = max(abs(low), abs(high))
+        # Start one below the binade of the largest magnitude (or at 1 bit) and climb.
+        integer = 1 - signed - fractional
+        if magnitude > 0:
+            integer = max(integer, math.frexp(magnitude)[1] - 2)
+        while True:
+            candidate = cls(integer + fractional + signed, integer, signed)
+            if candidate.holds(low, high):
+                narrow = cls(candidate.bits, integer, signed, narrow=True)
+                return narrow if narrow.holds(low, high) else candidate
+            integer += 1
+
+    # ------------------------------------------------------------------ conversions out
+
+    def to_quantizer(self, *, alpha: float | None = 1) -> Any:
+        """A QKeras ``quantized_bits`` whose outputs are exactly the values of this type.
+
+        ``symmetric`` is ``int(narrow)``, so the quantizer reaches ``min`` and ``max``
+        and :meth:`from_quantizer` gives this type back. ``alpha=1`` is explicit so that
+        a QKeras layer never turns it into a per-channel ``"auto_po2"`` scale (layers do
+        that to a kernel quantizer with ``alpha=None``).
+
+        Args:
+            alpha: 1, or None where the quantizer is never a kernel quantizer and
+                should read as QKeras's own (a populated bias quantizer).
+
+        Returns:
+            A ``qkeras.quantizers.quantized_bits`` object.
+
+        Raises:
+            ValueError: For a 1-bit signed type, which QKeras reads as binary +-1, and
+                for a negative ``integer``, which QKeras 0.9.0 cannot apply (it raises
+                "Integers to negative integer powers are not allowed").
+        """
+        if alpha not in (1, None):
+            raise ValueError(f"to_quantizer takes alpha 1 or None. Received: alpha={alpha!r}")
+        self._check_expressible()
+        return quantizers.quantized_bits(
+            self.bits,
+            self.integer,
+            symmetric=int(self.narrow),
+            keep_negative=self.signed,
+            alpha=alpha,
+        )
+
+    def quantizer_string(self) -> str:
+        """The QKeras string of :meth:`to_quantizer`, e.g. ``quantized_bits(10,3,1,1,alpha=1)``.
+
+        Arguments are positional ``bits, integer, symmetric, keep_negative``; both
+        :func:`parse_quantizer` and QKeras's own parser read it back. Raises
+        ``ValueError`` for the same types as :meth:`to_quantizer`.
+        """
+        self._check_expressible()
+        return (
+            f"quantized_bits({self.bits},{self.integer},{int(self.narrow)},"
+            f"{int(self.signed)},alpha=1)"
+        )
+
+    def hls(self) -> str:
+        """The hls4ml type: ``ap_fixed<W,I>`` (``I`` counts the sign bit) or ``ap_ufixed``.
+
+        ``ap_fixed`` has no narrow form; a narrow type maps to its full-range superset.
+        """
+        if self.signed:
+            return f"ap_fixed<{self.bits},{self.integer + 1}>"
+        return f"ap_ufixed<{self.bits},{self.integer}>"
+
+    def qonnx_datatype(self) -> str:
+        """The QONNX name of the integer codes, ``value / step``: ``INTn``, ``UINTn``, ``BINARY``.
+
+        A QONNX ``Quant`` node with ``bitwidth=bits``, ``scale=step``, ``zeropt=0``,
+        ``signed`` and ``narrow`` produces this type; qonnx names integers this way and
+        keeps the scale and narrowness apart (the codes of a narrow type are ``INTn``
+        without its minimum). ``FIXED<w,i>`` is not used: qonnx 1.0.0 has no unsigned form of it and
+        refuses types without fractional bits.
+        """
+        if not self.signed and self.bits == 1:
+            return "BINARY"
+        return f"{'INT' if self.signed else 'UINT'}{self.bits}"
+
+    def __str__(self) -> str:
+        narrow = ",narrow" if self.narrow else ""
+        return f"{'s' if self.signed else 'u'}fixed({self.bits},{self.integer}{narrow})"
+
+    # ------------------------------------------------------------------- conversions in
+
+    @classmethod
+    def from_quantizer(
+        cls, quantizer: Any, *, layer: str | None = None, allow_scale: bool = False
+    ) -> FixedPoint:
+        """The type holding every value a QKeras quantizer outputs at inference.
+
+        Args:
+            quantizer: A QKeras quantizer object, a string such as
+                ``"quantized_bits(4,0,1)"``, or a serialized ``{"class_name": ...,
+                "config": ...}`` dict.
+            layer: Name of the layer the quantizer belongs to, for error messages.
+            allow_scale: Accept ``alpha="auto"``/``"auto_po2"`` (per-channel scales that
+                exist only after the quantizer has been applied) and return the grid
+                that the scale multiplies: outputs equal ``quantizer.scale`` times values
+                of the returned type. The caller then owns the scale.
+
+        Returns:
+            The ``FixedPoint`` holding every output, narrow when a signed quantizer
+            never outputs ``-2**integer`` (``symmetric`` ``quantized_bits``, every
+            ``alpha`` string, signed power-of-two, binary +-1 and ternary). A type
+            from :meth:`to_quantizer` comes back unchanged. ``use_stochastic_rounding`` is
+            accepted where it only changes training: inference outputs stay on the grid.
+            A negative ``integer`` is read, although QKeras 0.9.0 cannot apply it.
+
+        Raises:
+            QuantizerError: For None or non-quantizers (float values), unknown or
+                malformed quantizers, and quantizers without a fixed-point type.
+        """
+        quantizer = as_quantizer(quantizer, layer=layer)
+        context = _Context(repr(_describe(quantizer)), layer, allow_scale)
+        name = type(quantizer).__name__
+        if name in _REFUSED:
+            raise context.error(f"{name} has no fixed-point type ({_REFUSED[name]})")
+        return _CONVERTERS[name](quantizer, context)
+
+    def _exact_bounds(self) -> tuple[Fraction, Fraction]:
+        """``min`` and ``max`` as exact fractions, whatever the width."""
+        top = Fraction(2) ** self.integer
+        step = Fraction(2) ** -self.fractional
+        if not self.signed:
+            return Fraction(0), top - step
+        return (step - top if self.narrow else -top), top - step
+
+    def _check_expressible(self) -> None:
+        """Refuses the types a QKeras 0.9.0 ``quantized_bits`` cannot apply as this grid."""
+        if self.signed and self.bits == 1:
+            raise ValueError(
+                "QKeras cannot express a 1-bit signed fixed-point type: quantized_bits "
+                f"with 1 bit and keep_negative outputs +-1. Received: {self!r}"
+            )
+        if self.integer < 0:
+            # QKeras computes 2**integer on int32 tensors, which TensorFlow refuses.
+            raise ValueError(
+                "QKeras 0.9.0 cannot apply a quantized_bits with a negative integer; widen "
+                f"the type first, e.g. fp.widen({-self.integer}, {-self.integer}), which "
+                f"keeps its step. Received: {self!r}"
+            )
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def parse_quantizer(text: str, *, layer: str | None = None) -> Any:
+    """Builds the QKeras quantizer a string names, without evaluating any code.
+
+    Accepts a call of a QKeras quantizer class with literal arguments, such as
+    ``"quantized_bits(4,0,1,alpha='auto_po2')"``, or a bare class name (``"binary"``).
+    Unlike QKeras's own parser it reads ``None`` as None and rejects unquoted strings.
+
+    Args:
+        text: The quantizer string.
+        layer: Name of the layer it belongs to, for error messages.
+
+    Returns:
+        A ``qkeras.quantizers`` object.
+
+    Raises:
+        QuantizerError: If the string is not such a call, names something that is not a
+            QKeras quantizer, or QKeras rejects the arguments.
+    """
+    context = _Context(repr(text), layer)
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        tree = None
+    if isinstance(tree, ast.Name):
+        tree = ast.Call(func=tree, args=[], keywords=[])
+    if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)):
+        raise context.error(
+            "A quantizer string must be a QKeras quantizer call with literal arguments, "
+            "such as 'quantized_bits(4,0,1)'"
+        )
+    name = tree.func.id
+    if name not in _QKERAS_QUANTIZERS:
+        raise context.error(f"A quantizer must be a QKeras quantizer; {name!r} is not one")
+    try:
+        args = [ast.literal_eval(node) for node in tree.args]
+        kwargs = {}
+        for keyword in tree.keywords:
+            if keyword.arg is None:
+                raise ValueError("** arguments are not literals")
+            kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+    except ValueError as exc:
+        raise context.error(
+            "Quantizer arguments must be literals (numbers, quoted strings, True, False, None)"
+        ) from exc
+    return _instantiate(name, args, kwargs, context)
+
+
+def as_quantizer(quantizer: Any, *, layer: str | None = None) -> Any:
+    """A QKeras quantizer object from an object, a string or a serialized dict.
+
+    Args:
+        quantizer: What a layer or its config holds as a quantizer.
+        layer: Name of the layer it belongs to, for error messages.
+
+    Returns:
+        The QKeras quantizer object (the same object if one was given).
+
+    Raises:
+        QuantizerError: For None, anything that is not a QKeras quantizer, and strings
+            or dicts that do not describe one.
+    """
+    if quantizer is None:
+        raise _Context("None", layer).error(
+            "A fixed-point quantizer is required; None leaves the values in float"
+        )
+    if isinstance(quantizer, str):
+        return parse_quantizer(quantizer, layer=layer)
+    if isinstance(quantizer, dict):
+        return _from_config(quantizer, layer)
+    name = type(quantizer).__name__
+    if name in _QKERAS_QUANTIZERS and type(quantizer) is getattr(quantizers, name):
+        return quantizer
+    raise _Context(repr(_describe(quantizer)), layer).error(
+        "A fixed-point quantizer is required; this is not a QKeras quantizer, so its values "
+        "stay float"
+    )
+
+
+def _from_config(config: dict, layer: str | None) -> Any:
+    """Rebuilds a quantizer from Keras serialization, ``{"class_name", "config"}``."""
+    context = _Context(repr(config), layer)
+    name = config.get("class_name")
+    arguments = config.get("config", {})
+    if not isinstance(name, str) or not isinstance(arguments, dict):
+        raise context.error(
+            "A serialized quantizer must be a dict with a 'class_name' string and a 'config' dict"
+        )
+    if name not in _QKERAS_QUANTIZERS:
+        raise context.error(f"A quantizer must be a QKeras quantizer; {name!r} is not one")
+    return _instantiate(name, [], dict(arguments), context)
+
+
+def _instantiate(name: str, args: list, kwargs: dict, context: _Context) -> Any:
+    """Calls the QKeras class; its argument checks are asserts, so those are caught too."""
+    try:
+        return getattr(quantizers, name)(*args, **kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise context.error(f"QKeras rejects these arguments for {name} ({exc})") from exc
+
+
+# --------------------------------------------------------------------------- converters
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What an error message about one quantizer needs; ``shown`` is already quoted."""
+
+    shown: str
+    layer: str | None
+    allow_scale: bool = False
+
+    def error(self, constraint: str) -> QuantizerError:
+        where = f"layer={self.layer!r} with " if self.layer is not None else ""
+        return QuantizerError(
+            f"{constraint}. Received: {where}quantizer={self.shown}. Supported: {_SUPPORTED}."
+        )
+
+
+def _describe(quantizer: Any) -> str:
+    """The quantizer's QKeras string, or its class and config where ``__str__`` fails."""
+    try:
+        return str(quantizer)
+    except Exception:  # QKeras's __str__ asserts or formats None for some configurations
+        config = getattr(quantizer, "get_config", dict)()
+        arguments = ",".join(f"{key}={value!r}" for key, value in config.items())
+        return f"{type(quantizer).__name__}({arguments})"
+
+
+def _plain_int(value: Any, what: str) -> int:
+    """An int from an int-like (numpy, 1-element tensor, integral float)."""
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    array = np.asarray(value)
+    if array.size != 1 or array.dtype.kind not in "iuf" or array.dtype == np.bool_:
+        raise ValueError(f"{what} must be an integer. Received: {what}={value!r}")
+    number = array.reshape(()).item()
+    if number != int(number):
+        raise ValueError(f"{what} must be an integer. Received: {what}={value!r}")
+    return int(number)
+
+
+def _integer_field(quantizer: Any, field: str, context: _Context) -> int:
+    """An integer attribute of a quantizer, refused with the quantizer's context."""
+    try:
+        return _plain_int(getattr(quantizer, field), field)
+    except ValueError as exc:
+        raise context.error(f"{field} must be an integer") from exc
+
+
+def _is_one(alpha: Any) -> bool:
+    """Whether a numeric alpha (scalar or per-channel array) is 1 everywhere."""
+    try:
+        values = np.asarray(alpha, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return values.size > 0 and bool(np.all(values == 1.0))
+
+
+def _check_plain_outputs(quantizer: Any, context: _Context) -> None:
+    """A ``qnoise_factor`` below 1 mixes unquantized input into the output."""
+    factor = getattr(quantizer, "qnoise_factor", 1.0)
+    if hasattr(factor, "numpy"):
+        factor = factor.numpy()
+    if float(factor) != 1.0:
+        raise context.error(f"qnoise_factor must be 1 for outputs on a grid (got {float(factor)})")
+
+
+def _scaled_grid(name: str, alpha: str, context: _Context) -> None:
+    """Refuses a per-channel scale unless the caller said it handles the scale."""
+    if alpha not in ("auto", "auto_po2"):
+        raise context.error(f"{name} alpha must be None, 1, 'auto' or 'auto_po2'")
+    if not context.allow_scale:
+        raise context.error(
+            f"{name} with alpha={alpha!r} has a per-channel scale that exists only after "
+            "it is applied to its tensor, so it has no fixed-point type of its own; pass "
+            "allow_scale=True to get the grid the scale multiplies"
+        )
+
+
+def _symmetric_field(quantizer: Any, context: _Context) -> bool:
+    """``symmetric`` as QKeras uses it: ``-2**(bits-1) + symmetric`` is the lowest code.
+
+    Only 0 and 1 (or False and True) give a grid of this module; 2 would drop two codes.
+    """
+    value = quantizer.symmetric
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    try:
+        number = _plain_int(value, "symmetric")
+    except ValueError as exc:
+        raise context.error("quantized_bits symmetric must be 0 or 1") from exc
+    if number not in (0, 1):
+        raise context.error("quantized_bits symmetric must be 0 or 1")
+    return bool(number)
+
+
+def _quantized_bits(quantizer: Any, context: _Context) -> FixedPoint:
+    """``quantized_bits`` is its own grid, except 1 signed bit, which is sign(x).
+
+    ``symmetric`` makes a signed grid narrow (the lowest code is ``-2**(bits-1) + 1``).
+    """
+    bits = _integer_field(quantizer, "bits", context)
+    integer = _integer_field(quantizer, "integer", context)
+    signed = bool(quantizer.keep_negative)
+    symmetric = _symmetric_field(quantizer, context)
+    _check_plain_outputs(quantizer, context)
+    if bits < 1:
+        raise context.error("quantized_bits needs at least 1 bit")
+    alpha = quantizer.alpha
+    if isinstance(alpha, str):
+        _scaled_grid("quantized_bits", alpha, context)
+        if not signed or bits < 2:
+            # With a string alpha QKeras ignores keep_negative and outputs signed levels.
+            raise context.error(
+                "quantized_bits with alpha 'auto'/'auto_po2' needs keep_negative and at "
+                "least 2 bits"
+            )
+        if not symmetric:
+            # QKeras's constructor sets symmetric for a string alpha, and its __call__
+            # asserts it; only an object changed afterwards gets here.
+            raise context.error("quantized_bits with alpha 'auto'/'auto_po2' must be symmetric")
+        # Codes are clipped to +-(2**(bits-1) - 1): the narrow grid.
+        return FixedPoint(bits, integer, True, narrow=True)
+    if alpha is not None and not _is_one(alpha):
+        raise context.error("quantized_bits alpha must be None or 1")
+    if bits == 1 and signed:
+        # No magnitude bits left: QKeras outputs sign(x) in {-1, +1}, whatever symmetric.
+        return FixedPoint.narrowest_holding(-1.0, 1.0, 1.0)
+    return FixedPoint(bits, integer, signed, narrow=symmetric)
+
+
+def _quantized_relu(quantizer: Any, context: _Context) -> FixedPoint:
+    """``quantized_relu`` is the unsigned grid with step ``2**(integer - bits)``."""
+    bits = _integer_field(quantizer, "bits", context)
+    integer = _integer_field(quantizer, "integer", context)
+    _check_plain_outputs(quantizer, context)
+    if quantizer.use_sigmoid:
+        raise context.error("quantized_relu must have use_sigmoid=0")
+    if quantizer.negative_slope != 0:
+        raise context.error("quantized_relu must have negative_slope=0")
+    if bits < 1:
+        raise context.error("quantized_relu needs at least 1 bit")
+    result = FixedPoint(bits, integer, False)
+    bound = quantizer.relu_upper_bound
+    if bound and not quantizer.is_quantized_clip:
+        # QKeras then replaces outputs above the bound by the bound itself.
+        if not (bound >= result.max or (bound >= 0 and result.contains(bound))):
+            raise context.error(
+                "quantized_relu's relu_upper_bound must be on its grid when "
+                "is_quantized_clip is False"
+            )
+    return result
+
+
+def _exponent_sign_bit(max_value: float | None) -> int:
+    """QKeras spends an exponent bit on its sign unless ``max_value`` is at most 1."""
+    return 0 if max_value is not None and max_value <= 1 else 1
+
+
+def _rounded_log2(log2: float, rounding: str) -> int:
+    """Upper bound of QKeras's float32 ``round``/``floor`` of a base-2 logarithm.
+
+    Near a rounding boundary float32 ``log`` may land either side, so take the larger.
+    """
+    tolerance = 1e-5
+    if rounding == "floor":
+        ceiling = math.ceil(log2)
+        return ceiling if ceiling - log2 < tolerance else math.floor(log2)
+    if abs(log2 - math.floor(log2) - 0.5) < tolerance:
+        return math.ceil(log2)
+    return round(log2)
+
+
+def _power_of_two(quantizer: Any, context: _Context, *, signed: bool) -> FixedPoint:
+    """The narrowest grid holding ``+-2**e`` over the exponents QKeras can output.
+
+    A signed one is narrow: its largest magnitude ``2**e`` needs ``integer > e``.
+    """
+    name = type(quantizer).__name__
+    bits = _integer_field(quantizer, "bits", context)
+    _check_plain_outputs(quantizer, context)
+    if not signed and quantizer.negative_slope != 0:
+        raise context.error("quantized_relu_po2 must have negative_slope=0")
+    if quantizer.log2_rounding not in ("rnd", "floor"):
+        raise context.error(f"{name} log2_rounding must be 'rnd' or 'floor'")
+    max_value = quantizer.max_value
+    # Bits left for the exponent magnitude, as QKeras's constructor counts them.
+    exponent_bits = bits - signed - _exponent_sign_bit(max_value)
+    if exponent_bits < 0:
+        raise context.error(f"{name} has too few bits for an exponent")
+    min_exp = -(2**exponent_bits)
+    max_exp = 2**exponent_bits - 1
+    factor = 1
+    if quantizer.quadratic_approximation:
+        max_exp = 2 * (max_exp // 2)
+        factor = 2  # QKeras rounds log2(sqrt(x)) and doubles the clipped exponent.
+    top = max_exp
+    if max_value is not None:
+        # Inputs are clipped to max_value before log2, whose rounding may go above it;
+        # max_value 0 sends every input to the smallest exponent.
+        top = min_exp
+        if max_value > 0:
+            top = _rounded_log2(math.log2(max_value) / factor, quantizer.log2_rounding)
+        top = min(max(top, min_exp), max_exp)
+    # Inputs below Keras's epsilon (zero included) map to 2**min_exp, not doubled.
+    high_exp = max(factor * top, min_exp)
+    low_exp = factor * min_exp
+    high = math.ldexp(1.0, high_exp)
+    low = -high if signed else math.ldexp(1.0, low_exp)
+    return FixedPoint.narrowest_holding(low, high, math.ldexp(1.0, low_exp))
+
+
+def _binary(quantizer: Any, context: _Context) -> FixedPoint:
+    """``binary`` outputs +-1 (narrow ``sfixed(2,1)``), or 0 and 1 with ``use_01``."""
+    alpha = quantizer.alpha
+    if isinstance(alpha, str):
+        _scaled_grid("binary", alpha, context)
+    elif alpha is not None and not _is_one(alpha):
+        raise context.error("binary alpha must be None or 1")
+    if quantizer.use_01:
+        return FixedPoint.narrowest_holding(0.0, 1.0, 1.0)
+    return FixedPoint.narrowest_holding(-1.0, 1.0, 1.0)
+
+
+def _ternary(quantizer: Any, context: _Context) -> FixedPoint:
+    """``ternary`` outputs -1, 0 and 1: narrow ``sfixed(2,1)``, which never has -2."""
+    alpha = quantizer.alpha
+    if isinstance(alpha, str):
+        _scaled_grid("ternary", alpha, context)
+        if quantizer.threshold is not None:
+            raise context.error("ternary with alpha 'auto'/'auto_po2' needs threshold=None")
+    else:
+        if alpha is not None and not _is_one(alpha):
+            raise context.error("ternary alpha must be None or 1")
+        if quantizer.use_stochastic_rounding:
+            raise context.error("ternary with a numeric alpha needs use_stochastic_rounding=False")
+        if isinstance(quantizer.threshold, str):
+            raise context.error("ternary threshold must be None or a number")
+    return FixedPoint.narrowest_holding(-1.0, 1.0, 1.0)
+
+
+_CONVERTERS: dict[str, Callable[[Any, _Context], FixedPoint]] = {
+    "quantized_bits": _quantized_bits,
+    "quantized_relu": _quantized_relu,
+    "quantized_po2": lambda quantizer, context: _power_of_two(quantizer, context, signed=True),
+    "quantized_relu_po2": lambda quantizer, context: _power_of_two(
+        quantizer, context, signed=False
+    ),
+    "binary": _binary,
+    "ternary": _ternary,
+}
