@@ -19,12 +19,18 @@ def chain_model(layers: int, kernel_quantizer: str) -> keras.Model:
     for index in range(layers):
         if index % 2:
             x = qkeras.QDepthwiseConv2DBatchnorm(
-                3, padding="same", depthwise_quantizer=kernel_quantizer,
-                bias_quantizer=None, name=f"dw{index}",
+                3,
+                padding="same",
+                depthwise_quantizer=kernel_quantizer,
+                bias_quantizer=None,
+                name=f"dw{index}",
             )(x)
         else:
             x = qkeras.QConv2DBatchnorm(
-                8, 1, kernel_quantizer=kernel_quantizer, bias_quantizer=None,
+                8,
+                1,
+                kernel_quantizer=kernel_quantizer,
+                bias_quantizer=None,
                 name=f"pw{index}",
             )(x)
         x = qkeras.QActivation("quantized_relu(4,1)", name=f"relu{index}")(x)
@@ -43,8 +49,9 @@ def main() -> None:
             start = time.perf_counter()
             types = bnfold.accumulator_types(model, ["quantized_bits(8,3,1)"], mode=mode)
             elapsed = time.perf_counter() - start
-            print(f"{kernel_quantizer:32} mode={mode:7}: {len(types)} MAC layers "
-                  f"in {elapsed:.3f} s")
+            print(
+                f"{kernel_quantizer:32} mode={mode:7}: {len(types)} MAC layers in {elapsed:.3f} s"
+            )
 
 
 if __name__ == "__main__":

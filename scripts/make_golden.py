@@ -29,12 +29,14 @@ def _randomize_folded_layers(model: keras.Model, rng: np.random.Generator) -> No
         if layer.use_bias:
             layer.bias.assign(rng.normal(0, 0.2, layer.bias.shape).astype(np.float32))
         channels = layer.batchnorm.moving_mean.shape
-        layer.batchnorm.set_weights([
-            rng.uniform(0.5, 1.5, channels).astype(np.float32),
-            rng.normal(0, 0.3, channels).astype(np.float32),
-            rng.normal(0, 0.3, channels).astype(np.float32),
-            rng.uniform(0.2, 2.0, channels).astype(np.float32),
-        ])
+        layer.batchnorm.set_weights(
+            [
+                rng.uniform(0.5, 1.5, channels).astype(np.float32),
+                rng.normal(0, 0.3, channels).astype(np.float32),
+                rng.normal(0, 0.3, channels).astype(np.float32),
+                rng.uniform(0.2, 2.0, channels).astype(np.float32),
+            ]
+        )
 
 
 def jet_tagging_mlp() -> tuple[keras.Model, str]:
@@ -43,12 +45,17 @@ def jet_tagging_mlp() -> tuple[keras.Model, str]:
     x = inputs
     for index, units in enumerate((64, 32, 32), start=1):
         x = bnfold.layers.QDenseBatchnorm(
-            units, kernel_quantizer="quantized_bits(6,0,1,alpha=1)", bias_quantizer=None,
+            units,
+            kernel_quantizer="quantized_bits(6,0,1,alpha=1)",
+            bias_quantizer=None,
             name=f"fc{index}",
         )(x)
         x = qkeras.QActivation("quantized_relu(6,2)", name=f"relu{index}")(x)
     x = bnfold.layers.QDenseBatchnorm(
-        5, kernel_quantizer="quantized_bits(6,0,1,alpha=1)", bias_quantizer=None, name="output",
+        5,
+        kernel_quantizer="quantized_bits(6,0,1,alpha=1)",
+        bias_quantizer=None,
+        name="output",
     )(x)
     return keras.Model(inputs, x, name="jet_tagging_mlp"), "quantized_bits(8,3,1,alpha=1)"
 
@@ -58,8 +65,9 @@ MODELS = {"jet_tagging_mlp": jet_tagging_mlp}
 
 def _grid_inputs(model: keras.Model, rng: np.random.Generator) -> list[np.ndarray]:
     """Inputs on the grid of quantized_bits(8,3,1): steps of 1/16 in [-8, 8)."""
-    return [(rng.integers(-128, 128, (32, *t.shape[1:])) / 16).astype(np.float32)
-            for t in model.inputs]
+    return [
+        (rng.integers(-128, 128, (32, *t.shape[1:])) / 16).astype(np.float32) for t in model.inputs
+    ]
 
 
 def main() -> None:
@@ -72,9 +80,11 @@ def main() -> None:
         inputs = _grid_inputs(model, rng)
         outputs = model.predict(inputs, verbose=0)
         outputs = outputs if isinstance(outputs, list) else [outputs]
-        np.savez(GOLDEN / f"{name}.npz",
-                 **{f"input_{i}": x for i, x in enumerate(inputs)},
-                 **{f"output_{i}": y for i, y in enumerate(outputs)})
+        np.savez(
+            GOLDEN / f"{name}.npz",
+            **{f"input_{i}": x for i, x in enumerate(inputs)},
+            **{f"output_{i}": y for i, y in enumerate(outputs)},
+        )
         (GOLDEN / f"{name}.json").write_text(
             json.dumps({"source_quantizers": [source_quantizer] * len(inputs)}, indent=2) + "\n"
         )

@@ -58,19 +58,30 @@ def sequential_conv() -> keras.Model:
         [
             keras.Input((10, 10, 3)),
             q.QConv2DBatchnorm(
-                6, 3, padding="same", kernel_quantizer="quantized_bits(4,0,1,alpha=1)",
-                bias_quantizer="quantized_bits(10,4,1)", name="conv",
+                6,
+                3,
+                padding="same",
+                kernel_quantizer="quantized_bits(4,0,1,alpha=1)",
+                bias_quantizer="quantized_bits(10,4,1)",
+                name="conv",
             ),
             q.QActivation("quantized_relu(4,1)", name="relu"),
             q.QDepthwiseConv2DBatchnorm(
-                3, strides=2, depth_multiplier=2, depthwise_quantizer="quantized_bits(4,0,1)",
-                bias_quantizer="quantized_bits(12,5,1)", use_bias=False, name="dw",
+                3,
+                strides=2,
+                depth_multiplier=2,
+                depthwise_quantizer="quantized_bits(4,0,1)",
+                bias_quantizer="quantized_bits(12,5,1)",
+                use_bias=False,
+                name="dw",
             ),
             q.QActivation("quantized_relu(6,2)", name="relu2"),
             keras.layers.Flatten(name="flatten"),
             bnfold.layers.QDenseBatchnorm(
-                5, kernel_quantizer="quantized_bits(6,0,1)",
-                bias_quantizer="quantized_bits(12,4,1)", name="dense",
+                5,
+                kernel_quantizer="quantized_bits(6,0,1)",
+                bias_quantizer="quantized_bits(12,4,1)",
+                name="dense",
             ),
         ],
         name="sequential_conv",
@@ -83,22 +94,35 @@ def multi_io() -> keras.Model:
     image = keras.Input((16, 16, 2), name="image")
     side = keras.Input((7,), name="side")
     x = q.QConv2DBatchnorm(
-        4, 3, padding="same", dilation_rate=2, kernel_quantizer="quantized_bits(5,1,1)",
-        bias_quantizer=None, activation="quantized_relu(6,3)", name="conv_a",
+        4,
+        3,
+        padding="same",
+        dilation_rate=2,
+        kernel_quantizer="quantized_bits(5,1,1)",
+        bias_quantizer=None,
+        activation="quantized_relu(6,3)",
+        name="conv_a",
     )(image)
     y = q.QConv2DBatchnorm(
-        4, 1, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer="quantized_bits(8,3,1)",
+        4,
+        1,
+        kernel_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer="quantized_bits(8,3,1)",
         name="conv_b",
     )(x)
     x = keras.layers.Add(name="skip")([x, y])
     x = keras.layers.MaxPooling2D(2, name="pool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     shared = bnfold.layers.QDenseBatchnorm(
-        4, kernel_quantizer="quantized_bits(6,1,1)", bias_quantizer="quantized_bits(10,4,1)",
+        4,
+        kernel_quantizer="quantized_bits(6,1,1)",
+        bias_quantizer="quantized_bits(10,4,1)",
         name="shared_dense",
     )
     side_features = q.QDense(
-        4, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer="quantized_bits(8,3,1)",
+        4,
+        kernel_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer="quantized_bits(8,3,1)",
         name="side_dense",
     )(side)
     first = shared(x)
@@ -106,7 +130,10 @@ def multi_io() -> keras.Model:
     merged = keras.layers.Concatenate(name="concat")([first, second])
     out_a = q.QActivation("quantized_relu(8,4)", name="out_a")(merged)
     out_b = bnfold.layers.QDenseBatchnorm(
-        3, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer=None, name="head",
+        3,
+        kernel_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer=None,
+        name="head",
     )(second)
     return randomize_batchnorm(keras.Model([image, side], [out_a, out_b], name="multi_io"))
 
@@ -115,16 +142,24 @@ def nested() -> keras.Model:
     """A functional model holding a Sequential block and a functional block."""
     block_in = keras.Input((8, 8, 4))
     block_out = q.QDepthwiseConv2DBatchnorm(
-        3, padding="same", depthwise_quantizer="quantized_bits(4,0,1)",
-        bias_quantizer="quantized_bits(10,4,1)", activation="quantized_relu(4,2)", name="dw",
+        3,
+        padding="same",
+        depthwise_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer="quantized_bits(10,4,1)",
+        activation="quantized_relu(4,2)",
+        name="dw",
     )(block_in)
     block = keras.Model(block_in, block_out, name="dw_block")
     stem = keras.Sequential(
         [
             keras.Input((8, 8, 3)),
             q.QConv2DBatchnorm(
-                4, 3, padding="same", kernel_quantizer="quantized_bits(4,0,1)",
-                bias_quantizer="quantized_bits(10,4,1)", name="conv",
+                4,
+                3,
+                padding="same",
+                kernel_quantizer="quantized_bits(4,0,1)",
+                bias_quantizer="quantized_bits(10,4,1)",
+                name="conv",
             ),
             q.QActivation("quantized_relu(4,2)", name="relu"),
         ],
@@ -134,7 +169,9 @@ def nested() -> keras.Model:
     x = block(stem(inputs))
     x = keras.layers.Flatten(name="flatten")(x)
     x = bnfold.layers.QDenseBatchnorm(
-        6, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer="quantized_bits(10,4,1)",
+        6,
+        kernel_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer="quantized_bits(10,4,1)",
         name="dense",
     )(x)
     return randomize_batchnorm(keras.Model(inputs, x, name="nested"))
@@ -152,19 +189,97 @@ def unpopulated() -> keras.Model:
     """All three folded types, some without a bias quantizer, one with a float Dense after."""
     inputs = keras.Input((8, 8, 3), name="x")
     x = q.QConv2DBatchnorm(
-        4, 3, padding="same", kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer=None,
-        activation="quantized_relu(4,1)", name="conv",
+        4,
+        3,
+        padding="same",
+        kernel_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer=None,
+        activation="quantized_relu(4,1)",
+        name="conv",
     )(inputs)
     x = q.QDepthwiseConv2DBatchnorm(
-        3, depthwise_quantizer="quantized_bits(4,0,1)", bias_quantizer=None, name="dw",
+        3,
+        depthwise_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer=None,
+        name="dw",
     )(x)
     x = q.QActivation("quantized_relu(5,2)", name="relu")(x)
     x = q.QConv2DBatchnorm(
-        4, 1, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer="quantized_bits(12,5,1)",
-        activation="quantized_relu(4,1)", name="pointwise",
+        4,
+        1,
+        kernel_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer="quantized_bits(12,5,1)",
+        activation="quantized_relu(4,1)",
+        name="pointwise",
     )(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = bnfold.layers.QDenseBatchnorm(
-        5, kernel_quantizer="quantized_bits(5,0,1)", bias_quantizer=None, name="dense",
+        5,
+        kernel_quantizer="quantized_bits(5,0,1)",
+        bias_quantizer=None,
+        name="dense",
     )(x)
     return randomize_batchnorm(keras.Model(inputs, x, name="unpopulated"))
+
+
+def zoo() -> keras.Model:
+    """Every layer kind the exporter supports, in one small network."""
+    image = keras.Input((16, 16, 3), name="image")
+    x = keras.layers.ZeroPadding2D(1, name="pad")(image)
+    x = q.QConv2DBatchnorm(
+        8,
+        3,
+        strides=2,
+        kernel_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer=None,
+        name="stem",
+    )(x)
+    x = keras.layers.Activation("relu", name="stem_relu")(x)
+    x = q.QActivation("quantized_bits(6,2,1)", name="stem_q")(x)
+    y = q.QDepthwiseConv2DBatchnorm(
+        3,
+        padding="same",
+        depthwise_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer=None,
+        activation="quantized_relu(4,2)",
+        name="dw",
+    )(x)
+    x = keras.layers.Add(name="add")([x, y])
+    x = keras.layers.MaxPooling2D(2, name="max")(x)
+    x = keras.layers.AveragePooling2D(2, name="avg")(x)
+    x = q.QConv2D(
+        8,
+        1,
+        kernel_quantizer="quantized_bits(5,1,1,alpha=1)",
+        bias_quantizer="quantized_bits(10,4,1)",
+        activation="relu",
+        name="pw",
+    )(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.Dropout(0.5, name="drop")(x)
+    x = q.QActivation("quantized_relu(6,3)", name="pw_q")(x)
+    pooled = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    sequence = keras.layers.Reshape((4, 8), name="to_sequence")(
+        keras.layers.Flatten(name="flat")(x)
+    )
+    sequence = q.QConv1D(
+        4,
+        2,
+        kernel_quantizer="quantized_bits(4,0,1)",
+        bias_quantizer="quantized_bits(10,4,1)",
+        activation="quantized_relu(6,3)",
+        name="conv1d",
+    )(sequence)
+    x = keras.layers.Concatenate(name="concat")(
+        [pooled, keras.layers.Flatten(name="flat_sequence")(sequence)]
+    )
+    x = bnfold.layers.QDenseBatchnorm(
+        5,
+        kernel_quantizer="quantized_bits(6,0,1)",
+        bias_quantizer=None,
+        name="head",
+    )(x)
+    return randomize_batchnorm(keras.Model(image, x, name="zoo"))
+
+
+EXPORT_BUILDERS = {**BUILDERS, "unpopulated": unpopulated, "zoo": zoo}

@@ -20,25 +20,39 @@ from bnfold.mac import quantized_weights
 
 def _conv_model(kernel_quantizer, filters=2, kernel_size=(2, 2), channels=1, second=None):
     inputs = keras.Input((6, 6, channels))
-    x = qkeras.QConv2DBatchnorm(filters, kernel_size, kernel_quantizer=kernel_quantizer,
-                                bias_quantizer=None, name="c1")(inputs)
+    x = qkeras.QConv2DBatchnorm(
+        filters, kernel_size, kernel_quantizer=kernel_quantizer, bias_quantizer=None, name="c1"
+    )(inputs)
     if second:
         x = qkeras.QActivation("quantized_relu(6,2)", name="relu")(x)
-        x = qkeras.QConv2DBatchnorm(3, 3, kernel_quantizer=second, bias_quantizer=None,
-                                    name="c2")(x)
+        x = qkeras.QConv2DBatchnorm(3, 3, kernel_quantizer=second, bias_quantizer=None, name="c2")(
+            x
+        )
     return builders.randomize_batchnorm(keras.Model(inputs, x))
 
 
 QKERAS_CASES = {
     # QKeras's own test: relu(4,1) input, 2x2 kernel on one channel -> quantized_bits(10,3,1).
-    "qkeras_test": (dict(kernel_quantizer="quantized_bits(4,0,1,alpha=1)"),
-                    quantizers.quantized_relu(4, 1)),
-    "wide_kernel": (dict(kernel_quantizer="quantized_bits(6,2,1,alpha=1)", kernel_size=(3, 3),
-                         channels=4), quantizers.quantized_relu(8, 3)),
-    "signed_input": (dict(kernel_quantizer="quantized_bits(4,0,1,alpha=1)", channels=3),
-                     quantizers.quantized_bits(8, 3, 1)),
-    "two_convs": (dict(kernel_quantizer="quantized_bits(4,0,1,alpha=1)", channels=2,
-                       second="quantized_bits(5,1,1,alpha=1)"), quantizers.quantized_relu(4, 1)),
+    "qkeras_test": (
+        dict(kernel_quantizer="quantized_bits(4,0,1,alpha=1)"),
+        quantizers.quantized_relu(4, 1),
+    ),
+    "wide_kernel": (
+        dict(kernel_quantizer="quantized_bits(6,2,1,alpha=1)", kernel_size=(3, 3), channels=4),
+        quantizers.quantized_relu(8, 3),
+    ),
+    "signed_input": (
+        dict(kernel_quantizer="quantized_bits(4,0,1,alpha=1)", channels=3),
+        quantizers.quantized_bits(8, 3, 1),
+    ),
+    "two_convs": (
+        dict(
+            kernel_quantizer="quantized_bits(4,0,1,alpha=1)",
+            channels=2,
+            second="quantized_bits(5,1,1,alpha=1)",
+        ),
+        quantizers.quantized_relu(4, 1),
+    ),
 }
 
 
@@ -59,18 +73,20 @@ def test_populated_bias_quantizers_equal_qkeras_where_qkeras_is_right(case):
 def test_depthwise_sums_kernel_area_not_times_channels():
     """QKeras counts kh*kw*channels products for a depthwise layer; only kh*kw are summed."""
     inputs = keras.Input((6, 6, 8))
-    x = qkeras.QDepthwiseConv2DBatchnorm(3, depthwise_quantizer="quantized_bits(4,0,1,alpha=1)",
-                                         bias_quantizer=None, name="dw")(inputs)
+    x = qkeras.QDepthwiseConv2DBatchnorm(
+        3, depthwise_quantizer="quantized_bits(4,0,1,alpha=1)", bias_quantizer=None, name="dw"
+    )(inputs)
     model = builders.randomize_batchnorm(keras.Model(inputs, x))
-    types = mac_types(model, [quantizers.quantized_relu(4, 1)])["dw"][1]
+    types = mac_types(model, [quantizers.quantized_relu(4, 1)])["dw"].types
     # relu(4,1) x bits(4,0,1): (8,1) per product; 9 products grow it by 4 bits, not 7 (72).
     assert (types.sum_of_products.bits, types.sum_of_products.integer) == (12, 5)
 
 
 def test_po2_scales_move_the_binary_point():
     inputs = keras.Input((4,))
-    x = bnfold.layers.QDenseBatchnorm(3, kernel_quantizer="quantized_bits(4,0,1)",
-                                      bias_quantizer=None, name="d")(inputs)
+    x = bnfold.layers.QDenseBatchnorm(
+        3, kernel_quantizer="quantized_bits(4,0,1)", bias_quantizer=None, name="d"
+    )(inputs)
     model = builders.randomize_batchnorm(keras.Model(inputs, x))
     weights = quantized_weights(model.get_layer("d"))
     exponents = np.log2(weights.kernel_scale)
@@ -104,14 +120,14 @@ def test_accumulators_hold_every_value_the_sum_can_take(name):
     widths = mac_types(model)
     exact = mac_types(model, mode="weights")
     assert set(widths) == set(exact) and widths
-    for path, (layer, types) in widths.items():
-        weights = quantized_weights(layer)
+    for path, mac in widths.items():
+        weights, types = mac.weights, mac.types
         low, high = _interval(weights, types.input, weights.bias)
         assert types.accumulator.holds(low, high), path
         products_low, products_high = _interval(weights, types.input, None)
         assert types.sum_of_products.holds(products_low, products_high), path
         # In weights mode the inputs are narrower too: types flow from exact accumulators.
-        exact_types = exact[path][1]
+        exact_types = exact[path].types
         assert types.input.includes(exact_types.input), path
         low, high = _interval(weights, exact_types.input, weights.bias)
         assert exact_types.accumulator.holds(low, high), path
@@ -120,13 +136,17 @@ def test_accumulators_hold_every_value_the_sum_can_take(name):
 
 def test_populate_fills_exactly_the_empty_bias_quantizers_of_all_folded_types():
     model = builders.unpopulated()
-    given = {layer.name: layer.bias_quantizer_internal for layer in builders.all_layers(model)
-             if folded_layer_type(layer) is not None}
+    given = {
+        layer.name: layer.bias_quantizer_internal
+        for layer in builders.all_layers(model)
+        if folded_layer_type(layer) is not None
+    }
     assert any(q is None for q in given.values()) and any(q is not None for q in given.values())
     assert populate_bias_quantizer_from_accumulator(model, ["quantized_bits(8,3,1)"]) is model
     types = mac_types(model, ["quantized_bits(8,3,1)"])
     filled = set()
-    for path, (layer, mac) in types.items():
+    for path, found in types.items():
+        layer, mac = found.layer, found.types
         if folded_layer_type(layer) is None:
             continue
         quantizer = layer.bias_quantizer_internal

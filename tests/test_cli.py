@@ -17,8 +17,10 @@ def test_unfold_command_writes_plain_model_and_lists_layers(tmp_path, folded_mod
     assert "dw: QDepthwiseConv2DBatchnorm -> QDepthwiseConv2D" in printed
     unfolded = bnfold.load_model(tmp_path / "model_unfolded.h5")
     inputs = builders.grid_inputs(unfolded)
-    assert (unfolded.predict(inputs, verbose=0)
-            == folded_models["sequential_conv"].predict(inputs, verbose=0)).all()
+    assert (
+        unfolded.predict(inputs, verbose=0)
+        == folded_models["sequential_conv"].predict(inputs, verbose=0)
+    ).all()
 
 
 def test_unfold_command_failure_is_one_line_and_writes_nothing(tmp_path, capsys):
@@ -30,7 +32,9 @@ def test_unfold_command_failure_is_one_line_and_writes_nothing(tmp_path, capsys)
 
 
 def test_help_does_not_import_tensorflow():
-    code = "import sys; from bnfold.__main__ import main\n" \
-           "try: main(['--help'])\nexcept SystemExit: pass\n" \
-           "assert 'tensorflow' not in sys.modules"
+    code = (
+        "import sys; from bnfold.__main__ import main\n"
+        "try: main(['--help'])\nexcept SystemExit: pass\n"
+        "assert 'tensorflow' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -875,3 +875,23 @@ def test_refused_quantizer_objects_are_named_too():
 
 def test_quantizer_error_is_a_value_error():
     assert issubclass(QuantizerError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("fp", "name"),
+    [
+        (FixedPoint(8, 7, True), "INT8"),
+        (FixedPoint(8, 8, False), "UINT8"),
+        (FixedPoint(8, 3, True), "FIXED<8,4>"),
+        (FixedPoint(4, 1, False), "FIXED<5,2>"),
+        (FixedPoint(4, 5, True), "INT6"),
+    ],
+    ids=str,
+)
+def test_value_datatype_holds_the_values(fp, name):
+    from qonnx.core.datatype import DataType
+
+    assert fp.value_datatype() == name
+    datatype = DataType[name]
+    for value in (fp.min, fp.max, fp.step, 0.0):
+        assert datatype.allowed(value), value

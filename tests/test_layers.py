@@ -12,35 +12,76 @@ from bnfold.layers import QDenseBatchnorm
 
 # The constructor arguments of QDenseBatchnorm in newer QKeras sources.
 CONFIG_KEYS = {
-    "units", "activation", "use_bias", "kernel_initializer", "bias_initializer",
-    "kernel_regularizer", "bias_regularizer", "activity_regularizer", "kernel_constraint",
-    "bias_constraint", "kernel_quantizer", "bias_quantizer", "kernel_range", "bias_range",
-    "axis", "momentum", "epsilon", "center", "scale", "beta_initializer", "gamma_initializer",
-    "moving_mean_initializer", "moving_variance_initializer", "beta_regularizer",
-    "gamma_regularizer", "beta_constraint", "gamma_constraint", "renorm", "renorm_clipping",
-    "renorm_momentum", "fused", "trainable", "virtual_batch_size", "adjustment",
-    "ema_freeze_delay", "folding_mode",
+    "units",
+    "activation",
+    "use_bias",
+    "kernel_initializer",
+    "bias_initializer",
+    "kernel_regularizer",
+    "bias_regularizer",
+    "activity_regularizer",
+    "kernel_constraint",
+    "bias_constraint",
+    "kernel_quantizer",
+    "bias_quantizer",
+    "kernel_range",
+    "bias_range",
+    "axis",
+    "momentum",
+    "epsilon",
+    "center",
+    "scale",
+    "beta_initializer",
+    "gamma_initializer",
+    "moving_mean_initializer",
+    "moving_variance_initializer",
+    "beta_regularizer",
+    "gamma_regularizer",
+    "beta_constraint",
+    "gamma_constraint",
+    "renorm",
+    "renorm_clipping",
+    "renorm_momentum",
+    "fused",
+    "trainable",
+    "virtual_batch_size",
+    "adjustment",
+    "ema_freeze_delay",
+    "folding_mode",
 }
 # Keras's BatchNormalization leaves these out of its config unless renorm or a
 # virtual batch is used; QKeras's folded convolutions inherit the same.
 OMITTED_BY_BATCHNORM = {
-    "renorm", "renorm_clipping", "renorm_momentum", "fused", "virtual_batch_size", "adjustment",
+    "renorm",
+    "renorm_clipping",
+    "renorm_momentum",
+    "fused",
+    "virtual_batch_size",
+    "adjustment",
 }
 
 
 def _dense_model(**settings):
     inputs = keras.Input((6,))
     outputs = QDenseBatchnorm(
-        4, kernel_quantizer="quantized_bits(6,2,1,alpha=1)",
-        bias_quantizer="quantized_bits(10,4,1)", name="dense", **settings,
+        4,
+        kernel_quantizer="quantized_bits(6,2,1,alpha=1)",
+        bias_quantizer="quantized_bits(10,4,1)",
+        name="dense",
+        **settings,
     )(inputs)
     return builders.randomize_batchnorm(keras.Model(inputs, outputs))
 
 
 def test_config_has_the_qkeras_keys_and_round_trips():
     layer = QDenseBatchnorm(
-        3, kernel_quantizer="quantized_bits(4,0,1)", momentum=0.9, epsilon=1e-4,
-        ema_freeze_delay=10, folding_mode="batch_stats_folding", name="d",
+        3,
+        kernel_quantizer="quantized_bits(4,0,1)",
+        momentum=0.9,
+        epsilon=1e-4,
+        ema_freeze_delay=10,
+        folding_mode="batch_stats_folding",
+        name="d",
     )
     arguments = set(inspect.signature(QDenseBatchnorm.__init__).parameters) - {"self", "kwargs"}
     assert arguments == CONFIG_KEYS
@@ -87,8 +128,11 @@ def test_fit_trains_weights_and_statistics(folding_mode):
     history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     after = dict(zip([w.name for w in layer.weights], layer.get_weights(), strict=True))
-    changed = {name for (name, value), old in zip(after.items(), before, strict=True)
-               if not np.array_equal(value, old)}
+    changed = {
+        name
+        for (name, value), old in zip(after.items(), before, strict=True)
+        if not np.array_equal(value, old)
+    }
     assert any("kernel" in name for name in changed)
     assert any("moving_mean" in name for name in changed)
     assert int(layer._iteration.numpy()) == 8 - 1  # 8 steps, counted from -1
@@ -100,8 +144,11 @@ def test_training_matches_qkeras_folded_conv_on_one_pixel(folding_mode):
     # fused=False: Keras's fused batchnorm kernel, used only on 4-D inputs, updates the
     # moving variance with Bessel's correction, unlike the plain one a dense layer gets.
     settings = dict(
-        kernel_quantizer="quantized_bits(8,2,1,alpha=1)", bias_quantizer="quantized_bits(12,4,1)",
-        folding_mode=folding_mode, ema_freeze_delay=4, fused=False,
+        kernel_quantizer="quantized_bits(8,2,1,alpha=1)",
+        bias_quantizer="quantized_bits(12,4,1)",
+        folding_mode=folding_mode,
+        ema_freeze_delay=4,
+        fused=False,
     )
     dense_in = keras.Input((5,))
     dense = keras.Model(dense_in, QDenseBatchnorm(3, name="f", **settings)(dense_in))
@@ -109,21 +156,33 @@ def test_training_matches_qkeras_folded_conv_on_one_pixel(folding_mode):
     conv = keras.Model(conv_in, qkeras.QConv2DBatchnorm(3, 1, name="f", **settings)(conv_in))
     builders.randomize_batchnorm(dense)
     conv.get_layer("f").set_weights(
-        [w.reshape(v.shape) for w, v in zip(dense.get_layer("f").get_weights(),
-                                            conv.get_layer("f").weights, strict=True)]
+        [
+            w.reshape(v.shape)
+            for w, v in zip(
+                dense.get_layer("f").get_weights(), conv.get_layer("f").weights, strict=True
+            )
+        ]
     )
     rng = np.random.default_rng(1)
     x = rng.normal(size=(48, 5)).astype(np.float32)
     y = rng.normal(size=(48, 3)).astype(np.float32)
     for model, data in ((dense, x), (conv, x.reshape(48, 1, 1, 5))):
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
-        model.fit(data, y.reshape(len(y), *model.output_shape[1:]), batch_size=8, epochs=2,
-                  shuffle=False, verbose=0)
-    for dense_weight, conv_weight in zip(dense.get_layer("f").get_weights(),
-                                         conv.get_layer("f").get_weights(), strict=True):
-        np.testing.assert_allclose(dense_weight.ravel(), conv_weight.ravel(), rtol=1e-4,
-                                   atol=1e-5)
+        model.fit(
+            data,
+            y.reshape(len(y), *model.output_shape[1:]),
+            batch_size=8,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+        )
+    for dense_weight, conv_weight in zip(
+        dense.get_layer("f").get_weights(), conv.get_layer("f").get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(dense_weight.ravel(), conv_weight.ravel(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-        dense.predict(x, verbose=0), conv.predict(x.reshape(48, 1, 1, 5), verbose=0).reshape(48, 3),
-        rtol=1e-4, atol=1e-4,
+        dense.predict(x, verbose=0),
+        conv.predict(x.reshape(48, 1, 1, 5), verbose=0).reshape(48, 3),
+        rtol=1e-4,
+        atol=1e-4,
     )

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_readme_layer_table_matches_folded_layer_types():
     readme = (ROOT / "README.md").read_text()
     rows = re.findall(r"^\| (Q\w+Batchnorm) \| (\w+) \| (\w+) \|$", readme, re.MULTILINE)
-    expected = [(e.folded, e.plain.__name__, e.kernel_quantizer)
-                for e in FOLDED_LAYER_TYPES.values()]
+    expected = [
+        (e.folded, e.plain.__name__, e.kernel_quantizer) for e in FOLDED_LAYER_TYPES.values()
+    ]
     assert rows == expected
 
 
@@ -30,6 +31,8 @@ def test_ci_runs_the_readme_test_command():
 def test_ruff_is_clean():
     result = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "src", "tests", "scripts"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -22,6 +22,7 @@ _PUBLIC = {
     "accumulator_types": "bnfold.accumulator",
     "load_model": "bnfold.loading",
     "FixedPoint": "bnfold.fixedpoint",
+    "export_onnx": "bnfold.export.pipeline",
 }
 _SUBMODULES = ("layers",)
 

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     unfold.add_argument("model", help="a .h5 or .keras file, or a SavedModel directory")
     unfold.add_argument(
-        "-o", "--output",
+        "-o",
+        "--output",
         help="where to save the unfolded model (default: MODEL_unfolded.h5 beside MODEL)",
     )
     unfold.set_defaults(run=_unfold)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from bnfold.errors import QuantizerError, TypeInferenceError
-from bnfold.fixedpoint import FixedPoint
+from bnfold.fixedpoint import FixedPoint, as_quantizer
 from bnfold.folding import folded_layer_type
 from bnfold.graph import propagate
 from bnfold.keras import keras
@@ -65,6 +65,15 @@ class MacTypes:
     input: FixedPoint
     sum_of_products: FixedPoint
     accumulator: FixedPoint
+
+
+@dataclass(frozen=True)
+class MacLayer:
+    """One MAC layer with the weights it computes with and its inferred types."""
+
+    layer: Any
+    weights: QuantizedWeights
+    types: MacTypes
 
 
 def _relu(value: Typed) -> Typed:
@@ -146,6 +155,24 @@ def _add(layer: Any, values: list[Typed]) -> Typed:
     return total if isinstance(total, Untyped) else total.sum_of(len(values))
 
 
+# Layers whose outputs are some of their input values, moved or selected, or zeros.
+VALUE_PRESERVING_LAYERS = (
+    "MaxPooling1D",
+    "MaxPooling2D",
+    "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D",
+    "Flatten",
+    "Reshape",
+    "Permute",
+    "ZeroPadding1D",
+    "ZeroPadding2D",
+    "Cropping1D",
+    "Cropping2D",
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+)
+
 _LAYER_RULES: dict[str, Callable[[Any, list[Typed]], Typed]] = {
     "QActivation": lambda layer, values: _quantizer_type(layer.quantizer, layer),
     "Activation": lambda layer, values: _activation_type(layer.activation, values[0], layer),
@@ -156,14 +183,7 @@ _LAYER_RULES: dict[str, Callable[[Any, list[Typed]], Typed]] = {
     "AveragePooling2D": _average_pooling,
     "GlobalAveragePooling1D": _global_average_pooling,
     "GlobalAveragePooling2D": _global_average_pooling,
-    **dict.fromkeys(
-        (
-            "MaxPooling1D", "MaxPooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
-            "Flatten", "Reshape", "Permute", "ZeroPadding1D", "ZeroPadding2D", "Cropping1D",
-            "Cropping2D", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
-        ),
-        _same,
-    ),
+    **dict.fromkeys(VALUE_PRESERVING_LAYERS, _same),
 }
 
 
@@ -176,11 +196,11 @@ def _required(value: Typed, layer: Any, what: str) -> FixedPoint:
     return value
 
 
-def _mac_types(layer: Any, value: Typed, mode: Mode) -> MacTypes:
+def _mac_types(layer: Any, weights: QuantizedWeights, value: Typed, mode: Mode) -> MacTypes:
     source = _required(value, layer, "input")
-    weights = quantized_weights(layer)
     kernel = _required(
-        weights.kernel_type or Untyped("the kernel is float (no kernel quantizer)"), layer,
+        weights.kernel_type or Untyped("the kernel is float (no kernel quantizer)"),
+        layer,
         "kernel",
     )
     sum_of_products = source.product(kernel).sum_of(weights.products)
@@ -195,8 +215,9 @@ def _mac_types(layer: Any, value: Typed, mode: Mode) -> MacTypes:
     return MacTypes(source, sum_of_products, accumulator)
 
 
-def _exact_accumulator(weights: QuantizedWeights, source: FixedPoint, kernel: FixedPoint,
-                       sum_of_products: FixedPoint) -> FixedPoint:
+def _exact_accumulator(
+    weights: QuantizedWeights, source: FixedPoint, kernel: FixedPoint, sum_of_products: FixedPoint
+) -> FixedPoint:
     """The narrowest type holding every value of ``sum(w * x) + b`` for x in the input range."""
     values = weights.kernel.astype(np.float64)
     positive = np.where(values > 0, values, 0).sum(axis=weights.summed_axes)
@@ -214,53 +235,85 @@ def _exact_accumulator(weights: QuantizedWeights, source: FixedPoint, kernel: Fi
     return FixedPoint.narrowest_holding(float(low.min()), float(high.max()), step)
 
 
-def _source_types(model: keras.Model, source_quantizers: Any) -> list[Typed]:
+def source_quantizers_for(model: keras.Model, given: Any) -> list[Any]:
+    """One QKeras quantizer object per model input (None for a float input).
+
+    Args:
+        model: the model whose inputs they describe.
+        given: None (QKeras's default for every input), one quantizer, or a
+            list with one per input; each an object, a string or a config dict.
+
+    Raises:
+        QuantizerError: the count is wrong, or a quantizer cannot be read.
+    """
     count = len(model.inputs)
-    if source_quantizers is None:
-        source_quantizers = [DEFAULT_SOURCE_QUANTIZER] * count
-    elif not isinstance(source_quantizers, list | tuple):
-        source_quantizers = [source_quantizers]
-    if len(source_quantizers) != count:
-        raise ValueError(
+    if given is None:
+        given = [DEFAULT_SOURCE_QUANTIZER] * count
+    elif not isinstance(given, list | tuple):
+        given = [given]
+    if len(given) != count:
+        raise QuantizerError(
             f"source_quantizers needs one quantizer per model input ({count}). "
-            f"Received: {len(source_quantizers)} quantizers"
+            f"Received: {len(given)} quantizers"
         )
     return [
-        Untyped(f"model input {tensor.name!r} has no source quantizer")
-        if quantizer is None
-        else FixedPoint.from_quantizer(quantizer, layer=tensor.name.split(":")[0])
-        for tensor, quantizer in zip(model.inputs, source_quantizers, strict=True)
+        None if quantizer is None else as_quantizer(quantizer, layer=_input_name(tensor))
+        for tensor, quantizer in zip(model.inputs, given, strict=True)
     ]
 
 
-def mac_types(model: keras.Model, source_quantizers: Any = None,
-              mode: Mode = "widths") -> dict[str, tuple[Any, MacTypes]]:
+def _input_name(tensor: Any) -> str:
+    return tensor.name.split(":")[0]
+
+
+def _source_types(model: keras.Model, source_quantizers: Any) -> list[Typed]:
+    return [
+        Untyped(f"model input {_input_name(tensor)!r} has no source quantizer")
+        if quantizer is None
+        else FixedPoint.from_quantizer(quantizer, layer=_input_name(tensor))
+        for tensor, quantizer in zip(
+            model.inputs, source_quantizers_for(model, source_quantizers), strict=True
+        )
+    ]
+
+
+def mac_types(
+    model: keras.Model, source_quantizers: Any = None, mode: Mode = "widths"
+) -> dict[str, MacLayer]:
     """Every MAC layer of ``model`` by path (``block/conv`` when nested), with its types."""
     if mode not in ("widths", "weights"):
         raise ValueError(f"mode must be 'widths' or 'weights'. Received: mode={mode!r}")
-    found: dict[str, tuple[Any, MacTypes]] = {}
+    found: dict[str, MacLayer] = {}
 
     def visit(layer: Any, values: list[Typed], path: str) -> list[Typed]:
         if mac_layer_type(layer) is None:
             rule = _LAYER_RULES.get(type(layer).__name__)
             if rule is None:
-                return [Untyped(f"bnfold has no type rule for layer {layer.name!r} "
-                                f"({type(layer).__name__})")]
+                return [
+                    Untyped(
+                        f"bnfold has no type rule for layer {layer.name!r} ({type(layer).__name__})"
+                    )
+                ]
             return [rule(layer, values)]
         value = values[0]
-        if path in found and not isinstance(value, Untyped):
+        if path in found:
             # A shared layer: one type must serve every call.
-            value = found[path][1].input.union(value)
-        types = _mac_types(layer, value, mode)
-        found[path] = (layer, types)
+            weights = found[path].weights
+            if not isinstance(value, Untyped):
+                value = found[path].types.input.union(value)
+        else:
+            weights = quantized_weights(layer)
+        types = _mac_types(layer, weights, value, mode)
+        found[path] = MacLayer(layer, weights, types)
         return [_activation_type(layer.activation, types.accumulator, layer)]
 
     propagate(model, _source_types(model, source_quantizers), visit)
     return found
 
 
-def accumulator_types(model: keras.Model, source_quantizers: Any = None, *,
-                      mode: Mode = "widths") -> dict[str, FixedPoint]:
+def accumulator_types(
+    model: keras.Model, source_quantizers: Any = None, *, mode: Mode = "widths"
+) -> dict[str, FixedPoint]:
     """The accumulator type, bias included, of every multiply-accumulate layer.
 
     Args:
@@ -279,8 +332,10 @@ def accumulator_types(model: keras.Model, source_quantizers: Any = None, *,
         TypeInferenceError: a MAC layer's input or kernel has no fixed-point type.
         QuantizerError: a source quantizer has no fixed-point type.
     """
-    return {path: types.accumulator for path, (_, types) in
-            mac_types(model, source_quantizers, mode).items()}
+    return {
+        path: mac.types.accumulator
+        for path, mac in mac_types(model, source_quantizers, mode).items()
+    }
 
 
 def _reset_compiled_functions(model: keras.Model) -> None:
@@ -291,9 +346,9 @@ def _reset_compiled_functions(model: keras.Model) -> None:
             _reset_compiled_functions(layer)
 
 
-def populate_bias_quantizer_from_accumulator(model: keras.Model,
-                                             source_quantizers: Sequence[Any] | None
-                                             ) -> keras.Model:
+def populate_bias_quantizer_from_accumulator(
+    model: keras.Model, source_quantizers: Sequence[Any] | None
+) -> keras.Model:
     """Give each folded layer without a bias quantizer the type of its sum of products.
 
     Same contract as QKeras's function of that name: layers whose bias
@@ -309,11 +364,12 @@ def populate_bias_quantizer_from_accumulator(model: keras.Model,
     Returns:
         ``model``.
     """
-    for _, (layer, types) in mac_types(model, source_quantizers).items():
+    for mac in mac_types(model, source_quantizers).values():
+        layer = mac.layer
         entry = folded_layer_type(layer)
         if entry is None or layer.bias_quantizer_internal is not None:
             continue
-        bias_type = types.sum_of_products
+        bias_type = mac.types.sum_of_products
         if bias_type.integer < 0:
             # QKeras cannot apply quantized_bits with negative integer bits; same step.
             bias_type = bias_type.widen(-bias_type.integer, -bias_type.integer)

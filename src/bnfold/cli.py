@@ -32,6 +32,7 @@ def import_tensorflow_quietly(debug: bool = False) -> None:
     """
     if debug:
         import bnfold.keras  # noqa: F401
+
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore", message=".*(HDF5 file|constraints.serialize|legacy).*")

@@ -34,3 +34,11 @@ class QuantizerError(BnfoldError, ValueError):
     where a type is required, and QKeras quantizers whose outputs are not on a
     fixed-point grid (stochastic, u-law, tanh, sigmoid, ...).
     """
+
+
+class ExportError(BnfoldError, RuntimeError):
+    """A stage of the ONNX export could not do its part (tf2onnx, annotation)."""
+
+
+class VerificationError(ExportError):
+    """The exported ONNX does not compute what the QKeras model computes."""

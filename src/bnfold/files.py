@@ -17,8 +17,9 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     no temporary file outlives a failure.
     """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix,
-                                         dir=path.parent)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent
+    )
     os.close(handle)
     temporary = Path(temporary)
     try:

@@ -384,6 +384,19 @@ class FixedPoint:
             return "BINARY"
         return f"{'INT' if self.signed else 'UINT'}{self.bits}"
 
+    def value_datatype(self) -> str:
+        """The QONNX name of the values themselves, for a graph input's ``finn_datatype``.
+
+        Integer values are ``INTn``/``UINTn``; a grid with fractional bits is
+        ``FIXED<w,i>``, whose ``i`` counts the sign and which has no unsigned form,
+        so an unsigned grid is named by the signed type one bit wider.
+        """
+        if self.fractional == 0:
+            return self.qonnx_datatype()
+        if self.fractional < 0:
+            return f"{'INT' if self.signed else 'UINT'}{self.integer + self.signed}"
+        return f"FIXED<{self.bits + (not self.signed)},{self.integer + 1}>"
+
     def __str__(self) -> str:
         narrow = ",narrow" if self.narrow else ""
         return f"{'s' if self.signed else 'u'}fixed({self.bits},{self.integer}{narrow})"

@@ -8,7 +8,7 @@ function on each layer with the values that reach it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from bnfold.keras import keras
@@ -23,8 +23,9 @@ def layer_path(prefix: str, layer: Any) -> str:
     return f"{prefix}{layer.name}"
 
 
-def propagate(model: keras.Model, inputs: Sequence[Value], visit: Visit,
-              prefix: str = "") -> list[Value]:
+def propagate(
+    model: keras.Model, inputs: Sequence[Value], visit: Visit, prefix: str = ""
+) -> list[Value]:
     """Run ``visit`` over every layer of ``model`` in execution order.
 
     Nested models are entered, not visited: their layers are visited with paths
@@ -62,3 +63,11 @@ def _call(layer: Any, values: list[Any], visit: Visit, prefix: str) -> list[Any]
     if isinstance(layer, keras.Model):
         return propagate(layer, values, visit, prefix=f"{layer_path(prefix, layer)}/")
     return visit(layer, values, layer_path(prefix, layer))
+
+
+def iter_layers(model: keras.Model, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every layer of ``model`` with its path, nested models' layers included (after them)."""
+    for layer in model.layers:
+        yield layer_path(prefix, layer), layer
+        if isinstance(layer, keras.Model):
+            yield from iter_layers(layer, f"{layer_path(prefix, layer)}/")

@@ -154,8 +154,9 @@ class QDenseBatchnorm(qkeras.QDense):
         batchnorm = self.batchnorm
         reduction_axes = [i for i in range(unfolded.shape.rank) if i not in batchnorm.axis]
         batch_mean, batch_variance = tf.nn.moments(unfolded, reduction_axes)
-        moving_scale = batchnorm_scale(batchnorm.moving_variance, batchnorm.gamma,
-                                       batchnorm.epsilon)
+        moving_scale = batchnorm_scale(
+            batchnorm.moving_variance, batchnorm.gamma, batchnorm.epsilon
+        )
         batch_scale = batchnorm_scale(batch_variance, batchnorm.gamma, batchnorm.epsilon)
         folded_bias = _smart_cond(
             bn_training,
@@ -180,8 +181,10 @@ class QDenseBatchnorm(qkeras.QDense):
             # The kernel was folded with the moving statistics; rescale to the batch ones.
             correction = _smart_cond(
                 bn_training,
-                lambda: tf.math.sqrt(batchnorm.moving_variance + batchnorm.epsilon)
-                * tf.math.rsqrt(batch_variance + batchnorm.epsilon),
+                lambda: (
+                    tf.math.sqrt(batchnorm.moving_variance + batchnorm.epsilon)
+                    * tf.math.rsqrt(batch_variance + batchnorm.epsilon)
+                ),
                 lambda: tf.ones_like(batchnorm.moving_variance),
             )
             outputs = outputs * correction

@@ -194,8 +194,9 @@ def quantized_weights(layer: Any) -> QuantizedWeights:
     elif kernel_quantizer is None:
         kernel_grid = None
     else:
-        kernel_grid = FixedPoint.from_quantizer(kernel_quantizer, layer=layer.name,
-                                                allow_scale=True)
+        kernel_grid = FixedPoint.from_quantizer(
+            kernel_quantizer, layer=layer.name, allow_scale=True
+        )
         kernel, scale = _quantize(kernel_quantizer, kernel)
         if isinstance(getattr(kernel_quantizer, "alpha", None), str):
             kernel_scale = _power_of_two_scale(scale, layer, kernel)
@@ -206,5 +207,6 @@ def quantized_weights(layer: Any) -> QuantizedWeights:
         bias, _ = _quantize(bias_quantizer, bias)
     elif bias is not None and entry.kernel_quantizer is None:
         bias_type = grid_of_values(bias)
-    return QuantizedWeights(kernel, kernel_grid, kernel_scale, bias, bias_type,
-                            entry.output_channel_axes)
+    return QuantizedWeights(
+        kernel, kernel_grid, kernel_scale, bias, bias_type, entry.output_channel_axes
+    )

@@ -25,7 +25,7 @@ def _live_settings(layer: Any) -> dict[str, Any]:
     return config
 
 
-def _copy_layer(layer: Any) -> Any:
+def _unfolded_layer(layer: Any) -> Any:
     """The layer that stands for ``layer`` in the unfolded model, without its weights yet."""
     if folded_layer_type(layer) is not None:
         return convert_folded_layer_to_unfolded(layer)
@@ -34,11 +34,19 @@ def _copy_layer(layer: Any) -> Any:
     return type(layer).from_config(_live_settings(layer))
 
 
-def _copy_weights(model: keras.Model, unfolded: keras.Model) -> None:
+def _same_layer(layer: Any) -> Any:
+    """A new layer of the same class and settings, without its weights yet."""
+    if isinstance(layer, keras.Model):
+        return copy_model(layer)
+    return type(layer).from_config(_live_settings(layer))
+
+
+def _copy_weights(model: keras.Model, copy: keras.Model) -> None:
     """Give copied layers their weights; unfolded layers and nested models already have theirs."""
     for layer in model.layers:
-        if folded_layer_type(layer) is None and not isinstance(layer, keras.Model):
-            unfolded.get_layer(layer.name).set_weights(layer.get_weights())
+        new = copy.get_layer(layer.name)
+        if type(new) is type(layer) and not isinstance(layer, keras.Model):
+            new.set_weights(layer.get_weights())
 
 
 def unfold_model(model: keras.Model) -> keras.Model:
@@ -57,7 +65,17 @@ def unfold_model(model: keras.Model) -> keras.Model:
     Returns:
         A new model with no folded layer in it.
     """
-    unfolded = keras.models.clone_model(model, clone_function=_copy_layer)
+    unfolded = keras.models.clone_model(model, clone_function=_unfolded_layer)
     _copy_weights(model, unfolded)
     return unfolded
 
+
+def copy_model(model: keras.Model) -> keras.Model:
+    """An independent copy of ``model`` with the same layers, weights and quantizer objects.
+
+    Used where a stage changes a model (populating bias quantizers) that the
+    caller handed in and expects unchanged.
+    """
+    copy = keras.models.clone_model(model, clone_function=_same_layer)
+    _copy_weights(model, copy)
+    return copy

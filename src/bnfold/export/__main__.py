@@ -1,0 +1,151 @@
+"""``python -m bnfold.export MODEL``: write MODEL as QONNX with quantizer and accumulator metadata.
+
+A thin layer over ``bnfold.export_onnx``: argument parsing, progress, the
+per-layer table, files and exit codes (0 written, 1 export failed, 2 usage).
+TensorFlow is imported only after the arguments are parsed, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+EXIT_FAILED = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bnfold.export",
+        description="Export a QKeras model with folded batchnorm as QONNX (ONNX with Quant "
+        "nodes) for hls4ml and FINN, with each layer's quantizers and accumulator type as "
+        "node metadata. The output is verified bit for bit against QKeras.",
+    )
+    parser.add_argument("model", type=Path, help="a .h5 or .keras file, or a SavedModel directory")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="the ONNX file to write (default: MODEL with suffix .onnx)",
+    )
+    parser.add_argument(
+        "--input-quantizer",
+        action="append",
+        metavar="Q",
+        dest="input_quantizers",
+        help="the quantizer of a model input, e.g. 'quantized_bits(8,3,1)'; once per input, "
+        "in order; 'float' for an unquantized input (default: quantized_bits(8,0,1) for each)",
+    )
+    parser.add_argument("--opset", type=int, default=13, help="ONNX opset (default 13, max 18)")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the bit-exact comparison of QONNX and QKeras outputs",
+    )
+    parser.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="leave the batch dimension dynamic (default: static batch of 1)",
+    )
+    parser.add_argument(
+        "--report", type=Path, metavar="PATH", help="also write the per-layer table as JSON"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show TensorFlow's logs and full tracebacks"
+    )
+    return parser
+
+
+def _layer_table(layers: list[dict[str, Any]]) -> str:
+    columns = (
+        "layer",
+        "class",
+        "kernel_quantizer",
+        "bias_quantizer",
+        "activation",
+        "accumulator_hls",
+    )
+    headers = ("layer", "class", "kernel", "bias", "activation", "accumulator")
+    rows = [headers] + [tuple(str(row.get(c) or "-") for c in columns) for row in layers]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _progress(enabled: bool) -> Any:
+    from bnfold.export import STAGES
+
+    def show(stage: str) -> None:
+        if enabled:
+            print(f"[{STAGES.index(stage) + 1}/{len(STAGES)}] {stage}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    from bnfold.files import atomic_output
+
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    output = args.output or args.model.with_suffix(".onnx")
+    from bnfold.cli import import_tensorflow_quietly
+
+    import_tensorflow_quietly(debug=args.debug)
+    from bnfold.errors import BnfoldError
+    from bnfold.export import export_onnx
+
+    sources = None
+    if args.input_quantizers:
+        sources = [None if q.lower() == "float" else q for q in args.input_quantizers]
+    try:
+        exported = export_onnx(
+            args.model,
+            output,
+            source_quantizers=sources,
+            opset=args.opset,
+            verify=args.verify,
+            batch_size=None if args.dynamic_batch else 1,
+            on_stage=_progress(sys.stderr.isatty() or args.debug),
+        )
+        metadata = {entry.key: entry.value for entry in exported.metadata_props}
+        layers = json.loads(metadata["bnfold.layers"])
+        verification = json.loads(metadata.get("bnfold.verification", "null"))
+        if args.report:
+            _write_report(
+                args.report,
+                {
+                    "model": str(args.model),
+                    "output": str(output),
+                    "layers": layers,
+                    "verification": verification,
+                },
+            )
+    except (BnfoldError, OSError) as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {args.model}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(_layer_table(layers))
+    if verification:
+        print(
+            f"verified: QONNX equals QKeras on {verification['samples']} samples "
+            f"(max difference {verification['max_difference']})"
+        )
+    else:
+        print("not verified (--no-verify)")
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

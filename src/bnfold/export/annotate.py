@@ -1,0 +1,416 @@
+"""Annotate: put the quantization back into the converted graph, as QONNX.
+
+- Each kernel and bias initializer is found by its markers and given the
+  values QKeras itself quantized, followed by a QONNX ``Quant`` node whose
+  parameters reproduce exactly those values (checked here).
+- Each point Mul becomes a ``Quant`` node with the same output.
+- Dense layers become MatMul + Add (hls4ml wants them; qonnx's own Gemm
+  conversion would drop the node metadata); Conv and pooling nodes get explicit
+  pads, strides and dilations.
+- Every node gets ``bnfold.*`` metadata naming its Keras layer; MAC nodes also
+  their quantizers and accumulator type; the model a summary.
+
+Anything planned that finds no place in the graph is an error, never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bnfold.errors import ExportError
+from bnfold.export.strip import (
+    PointRecord,
+    QuantSpec,
+    Stripped,
+    WeightRecord,
+    marker_index,
+    point_constant,
+)
+
+QONNX_DOMAIN = "qonnx.custom_op.general"
+QONNX_OPSET = 1
+_MAC_OPS = ("Conv", "MatMul", "Gemm")
+_SCOPE = re.compile(r"(?:^|/)(bnfold_\d+)(?:/|$)")
+
+
+def _set_metadata(node: onnx.NodeProto, **entries: str | None) -> None:
+    existing = {entry.key: entry for entry in node.metadata_props}
+    for key, value in entries.items():
+        if value is None:
+            continue
+        name = f"bnfold.{key}"
+        entry = existing.get(name) or node.metadata_props.add()
+        entry.key, entry.value = name, str(value)
+
+
+def _metadata(node: onnx.NodeProto, key: str) -> str | None:
+    for entry in node.metadata_props:
+        if entry.key == f"bnfold.{key}":
+            return entry.value
+    return None
+
+
+def _minimal_broadcast(values: np.ndarray) -> np.ndarray:
+    """The smallest array that broadcasts to ``values``: constant axes collapse to 1."""
+    for axis in range(values.ndim):
+        first = np.take(values, [0], axis=axis)
+        if np.all(values == first):
+            values = first
+    return values
+
+
+class _Annotator:
+    def __init__(self, model: onnx.ModelProto, stripped: Stripped) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.stripped = stripped
+        self.new_initializers: list[onnx.TensorProto] = []
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.mac_nodes: dict[str, str] = {}  # ONNX node name -> Keras layer path
+        self.names: set[str] = {node.name for node in self.graph.node}
+        self.names |= {tensor.name for tensor in self.graph.initializer}
+
+    def unique(self, name: str) -> str:
+        candidate, number = name, 1
+        while candidate in self.names:
+            candidate, number = f"{name}_{number}", number + 1
+        self.names.add(candidate)
+        return candidate
+
+    def constant(self, name: str, values: Any) -> str:
+        tensor = numpy_helper.from_array(np.asarray(values, dtype=np.float32), self.unique(name))
+        self.new_initializers.append(tensor)
+        return tensor.name
+
+    def quant_node(
+        self,
+        source: str,
+        output: str,
+        quant: QuantSpec,
+        scale: np.ndarray | float,
+        path: str,
+        role: str,
+    ) -> onnx.NodeProto:
+        fixed = quant.fixed
+        base = self.unique(f"{path.replace('/', '_')}_{role}_quant")
+        node = helper.make_node(
+            "Quant",
+            [
+                source,
+                self.constant(f"{base}_scale", np.float32(fixed.step) * scale),
+                self.constant(f"{base}_zeropt", 0.0),
+                self.constant(f"{base}_bitwidth", fixed.bits),
+            ],
+            [output],
+            name=base,
+            domain=QONNX_DOMAIN,
+            signed=int(fixed.signed),
+            narrow=int(fixed.narrow),
+            rounding_mode="ROUND",
+        )
+        _set_metadata(node, layer=path, role=role, quantizer=quant.quantizer)
+        return node
+
+    # ------------------------------------------------------------------ weights
+
+    def weights(self) -> None:
+        records = sorted(self.stripped.weights, key=lambda record: record.first_marker)
+        starts = np.array([record.first_marker for record in records])
+        placed: dict[int, int] = defaultdict(int)
+        for tensor in list(self.graph.initializer):
+            if tensor.data_type != onnx.TensorProto.FLOAT:
+                continue
+            values = numpy_helper.to_array(tensor)
+            if values.size == 0:
+                continue
+            markers = marker_index(values).reshape(-1)
+            slot = int(np.searchsorted(starts, markers[0], side="right")) - 1
+            if slot < 0:
+                continue
+            record = records[slot]
+            offsets = markers - record.first_marker
+            size = record.values.size
+            if not np.all((offsets >= 0) & (offsets < size)):
+                continue
+            if offsets.size != size or np.unique(offsets).size != size:
+                raise ExportError(
+                    f"The {record.role} of layer {record.path!r} reached ONNX altered "
+                    f"(initializer {tensor.name!r} holds part of it)"
+                )
+            self._place_weight(tensor, record, offsets.reshape(values.shape))
+            placed[slot] += 1
+        lost = [
+            f"{records[i].role} of {records[i].path!r}"
+            for i in range(len(records))
+            if not placed[i]
+        ]
+        if lost:
+            raise ExportError(
+                "Every kernel and bias must reach the ONNX graph unchanged, so that its Quant "
+                f"node has a place. Received: no initializer for the {', '.join(lost)}"
+            )
+
+    def _place_weight(
+        self, tensor: onnx.TensorProto, record: WeightRecord, offsets: np.ndarray
+    ) -> None:
+        values = record.values.reshape(-1)[offsets].astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+        consumers = [node for node in self.graph.node if tensor.name in node.input]
+        for node in consumers:
+            if record.role == "kernel" and node.op_type in _MAC_OPS:
+                self.mac_nodes[node.name] = record.path
+            _set_metadata(node, layer=record.path)
+        if record.quant is None:
+            return
+        scale = np.float32(1.0)
+        if record.quant.scale is not None:
+            full = np.broadcast_to(record.quant.scale, record.values.shape).reshape(-1)
+            scale = _minimal_broadcast(full[offsets].astype(np.float32))
+        _check_reproduced(values, record, scale)
+        output = self.unique(f"{tensor.name}_quantized")
+        self.new_nodes.append(
+            self.quant_node(tensor.name, output, record.quant, scale, record.path, record.role)
+        )
+        for node in consumers:
+            node.input[:] = [output if name == tensor.name else name for name in node.input]
+
+    # ------------------------------------------------------------------- points
+
+    def points(self) -> None:
+        constants = {
+            tensor.name: numpy_helper.to_array(tensor)
+            for tensor in self.graph.initializer
+            if tensor.data_type == onnx.TensorProto.FLOAT
+        }
+        by_constant = {
+            float(point_constant(number)): number for number in range(len(self.stripped.points))
+        }
+        found: dict[int, int] = defaultdict(int)
+        nodes = []
+        for node in self.graph.node:
+            value = constants.get(node.input[0]) if node.op_type == "Mul" else None
+            number = (
+                by_constant.get(float(value)) if value is not None and value.size == 1 else None
+            )
+            if number is None:
+                nodes.append(node)
+                continue
+            found[number] += 1
+            point: PointRecord = self.stripped.points[number]
+            nodes.append(
+                self.quant_node(
+                    node.input[1], node.output[0], point.quant, 1.0, point.path, point.role
+                )
+            )
+        lost = [
+            f"{p.role} quantizer of {p.path!r}"
+            for i, p in enumerate(self.stripped.points)
+            if found[i] != 1
+        ]
+        if lost:
+            raise ExportError(
+                "Every activation and input quantizer must find exactly one place in the ONNX "
+                f"graph. Received: none or several for the {', '.join(lost)}"
+            )
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+
+    # --------------------------------------------------------------- node forms
+
+    def gemm_to_matmul(self) -> None:
+        """Gemm(A, B, C) -> Add(MatMul(A, B), C), with B transposed if transB."""
+        nodes = []
+        for node in self.graph.node:
+            if node.op_type != "Gemm":
+                nodes.append(node)
+                continue
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if (
+                attributes.get("transA", 0)
+                or attributes.get("alpha", 1.0) != 1.0
+                or attributes.get("beta", 1.0) != 1.0
+                or attributes.get("transB", 0)
+            ):
+                raise ExportError(f"Unexpected Gemm form from tf2onnx: {node.name} {attributes}")
+            product = self.unique(f"{node.name}_product")
+            matmul = helper.make_node(
+                "MatMul",
+                list(node.input[:2]),
+                [product if len(node.input) > 2 else node.output[0]],
+                name=self.unique(f"{node.name}_MatMul"),
+            )
+            matmul.metadata_props.extend(node.metadata_props)
+            nodes.append(matmul)
+            if node.name in self.mac_nodes:
+                self.mac_nodes[matmul.name] = self.mac_nodes.pop(node.name)
+            if len(node.input) > 2:
+                add = helper.make_node(
+                    "Add",
+                    [product, node.input[2]],
+                    list(node.output),
+                    name=self.unique(f"{node.name}_Add"),
+                )
+                add.metadata_props.extend(node.metadata_props)
+                nodes.append(add)
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+
+    def explicit_attributes(self) -> None:
+        """hls4ml and qonnx's channels-last pass need pads, strides and dilations written out."""
+        for node in self.graph.node:
+            if node.op_type not in ("Conv", "MaxPool", "AveragePool"):
+                continue
+            attributes = {a.name: a for a in node.attribute}
+            if "auto_pad" in attributes:
+                if attributes["auto_pad"].s not in (b"", b"NOTSET", b"VALID"):
+                    raise ExportError(
+                        f"tf2onnx left auto_pad={attributes['auto_pad'].s.decode()} on "
+                        f"{node.name}; bnfold needs explicit pads"
+                    )
+                node.attribute.remove(attributes.pop("auto_pad"))
+            kernel = (
+                list(helper.get_attribute_value(attributes["kernel_shape"]))
+                if "kernel_shape" in attributes
+                else None
+            )
+            if kernel is None:
+                continue
+            defaults = {"pads": [0] * (2 * len(kernel)), "strides": [1] * len(kernel)}
+            if node.op_type == "Conv":
+                defaults["dilations"] = [1] * len(kernel)
+            for name, value in defaults.items():
+                if name not in attributes:
+                    node.attribute.append(helper.make_attribute(name, value))
+
+    # ----------------------------------------------------------------- metadata
+
+    def layer_metadata(self) -> None:
+        """``bnfold.layer`` on every node: from its name's scope, else from its neighbours."""
+        scopes = self.stripped.scopes
+        for node in self.graph.node:
+            if _metadata(node, "layer") is None:
+                match = _SCOPE.search(node.name)
+                if match and match.group(1) in scopes:
+                    _set_metadata(node, layer=scopes[match.group(1)])
+        producers = {output: node for node in self.graph.node for output in node.output}
+        consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.input:
+                consumers[name].append(node)
+        changed = True
+        while changed:
+            changed = False
+            for node in self.graph.node:
+                if _metadata(node, "layer") is not None:
+                    continue
+                neighbours = [producers[name] for name in node.input if name in producers]
+                neighbours += [c for name in node.output for c in consumers[name]]
+                for neighbour in neighbours:
+                    layer = _metadata(neighbour, "layer")
+                    if layer is not None:
+                        _set_metadata(node, layer=layer)
+                        changed = True
+                        break
+        for node in self.graph.node:
+            path = self.mac_nodes.get(node.name)
+            if path is None:
+                continue
+            record = self.stripped.layers[path]
+            _set_metadata(
+                node,
+                kernel_quantizer=record.kernel_quantizer,
+                bias_quantizer=record.bias_quantizer,
+                accumulator=record.accumulator and record.accumulator.quantizer_string(),
+                accumulator_hls=record.accumulator and record.accumulator.hls(),
+            )
+
+    def output_names(self) -> None:
+        """Name the graph outputs after the Keras model's outputs, not the float layers."""
+        renames = {}
+        for output, name in zip(self.graph.output, self.stripped.output_names, strict=True):
+            if output.name != name:
+                renames[output.name] = self.unique(name)
+                output.name = renames[output.name]
+        for node in self.graph.node:
+            node.output[:] = [renames.get(name, name) for name in node.output]
+            node.input[:] = [renames.get(name, name) for name in node.input]
+
+    def input_datatypes(self) -> None:
+        """FINN reads the graph input's datatype from its ``finn_datatype`` annotation."""
+        for point in self.stripped.points:
+            if point.role != "input":
+                continue
+            annotation = onnx.TensorAnnotation(tensor_name=point.path)
+            entry = annotation.quant_parameter_tensor_names.add()
+            entry.key, entry.value = "finn_datatype", point.quant.fixed.value_datatype()
+            self.graph.quantization_annotation.append(annotation)
+
+    def finish(self) -> None:
+        self.graph.initializer.extend(self.new_initializers)
+        self.graph.node.extend(self.new_nodes)
+        used = {name for node in self.graph.node for name in node.input}
+        live = [tensor for tensor in self.graph.initializer if tensor.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(live)
+        self.model.opset_import.append(helper.make_opsetid(QONNX_DOMAIN, QONNX_OPSET))
+
+
+def _check_reproduced(values: np.ndarray, record: WeightRecord, scale: np.ndarray) -> None:
+    """A Quant node with these parameters must give the QKeras-quantized values back."""
+    fixed = record.quant.fixed
+    reproduced = fixed.quantize(values / scale) * scale
+    if not np.array_equal(reproduced.astype(np.float32), values):
+        worst = float(np.max(np.abs(reproduced - values)))
+        raise ExportError(
+            f"The Quant node for the {record.role} of layer {record.path!r} would not reproduce "
+            f"QKeras's quantized values (off by up to {worst}); quantizer {record.quant.quantizer}"
+        )
+
+
+def annotate(
+    model: onnx.ModelProto, stripped: Stripped, metadata: dict[str, str] | None = None
+) -> onnx.ModelProto:
+    """Turn the converted float graph into QONNX with bnfold metadata.
+
+    Args:
+        model: the convert stage's output (changed in place).
+        stripped: the strip stage's records.
+        metadata: extra model-level ``metadata_props`` (keys without the prefix).
+
+    Returns:
+        The QONNX model, sorted, shape-inferred and passing ``onnx.checker``.
+
+    Raises:
+        ExportError: a planned Quant node found no place, or would not reproduce
+            QKeras's values.
+    """
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.general import SortGraph
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    annotator = _Annotator(model, stripped)
+    annotator.weights()
+    annotator.points()
+    annotator.gemm_to_matmul()
+    annotator.explicit_attributes()
+    annotator.finish()
+    annotator.layer_metadata()
+    annotator.output_names()
+    annotator.input_datatypes()
+    summary = {
+        "layers": json.dumps([record.summary() for record in stripped.layers.values()]),
+        **(metadata or {}),
+    }
+    for key, value in summary.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = f"bnfold.{key}", value
+    model = ModelWrapper(model).transform(SortGraph()).transform(InferShapes()).model
+    onnx.checker.check_model(model, full_check=True)
+    return model

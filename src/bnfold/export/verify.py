@@ -1,0 +1,117 @@
+"""Verify: the exported QONNX model must compute the QKeras model's outputs exactly.
+
+Sample inputs are drawn from the grids of the source quantizers, including
+both ends of each range, and run through QKeras inference and through qonnx's
+executor (which runs the Quant nodes). The largest absolute difference over
+all outputs must be 0.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from bnfold.errors import VerificationError
+from bnfold.fixedpoint import FixedPoint
+from bnfold.keras import keras
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The result of comparing QKeras and QONNX outputs."""
+
+    samples: int
+    max_difference: float
+    worst_output: str
+
+
+def sample_inputs(
+    model: keras.Model, source_types: list[FixedPoint | None], count: int, seed: int = 0
+) -> list[np.ndarray]:
+    """``count`` inputs per model input on its source grid; the first two are its min and max.
+
+    A float input (no source quantizer) gets values on a grid of step 1/256 in [-4, 4).
+    """
+    rng = np.random.default_rng(seed)
+    samples = []
+    for tensor, fixed in zip(model.inputs, source_types, strict=True):
+        fixed = fixed or FixedPoint(11, 2, True)
+        shape = (count, *tensor.shape[1:])
+        low, high = round(fixed.min / fixed.step), round(fixed.max / fixed.step)
+        codes = rng.integers(low, high + 1, size=shape)
+        codes[0], codes[-1] = low, high
+        samples.append((codes * fixed.step).astype(np.float32))
+    return samples
+
+
+def _with_batch_of_one(onnx_model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with a static batch of 1: qonnx's executor checks inputs against static shapes."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    static = onnx.ModelProto()
+    static.CopyFrom(onnx_model)
+    for value in (*static.graph.input, *static.graph.output):
+        batch = value.type.tensor_type.shape.dim[0]
+        if not batch.dim_value:
+            batch.dim_value = 1
+    del static.graph.value_info[:]
+    return ModelWrapper(static).transform(InferShapes()).model
+
+
+def verify(
+    model: keras.Model, onnx_model: onnx.ModelProto, inputs: list[np.ndarray]
+) -> Verification:
+    """Run QKeras and QONNX on ``inputs`` and compare every output.
+
+    Args:
+        model: the QKeras model whose outputs are the reference.
+        onnx_model: the exported model (its batch may be 1: samples run one by one).
+        inputs: one array per model input, samples along the first axis.
+
+    Returns:
+        The largest difference found (0.0 when the export is exact).
+
+    Raises:
+        VerificationError: any output differs, with by how much and where.
+
+    On success the result is recorded in ``onnx_model``'s ``bnfold.verification``.
+    """
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    expected = model.predict(inputs, verbose=0, batch_size=len(inputs[0]))
+    expected = expected if isinstance(expected, list) else [expected]
+    wrapper = ModelWrapper(_with_batch_of_one(onnx_model))
+    input_names = [tensor.name for tensor in onnx_model.graph.input]
+    output_names = [tensor.name for tensor in onnx_model.graph.output]
+    worst, worst_output = 0.0, output_names[0]
+    samples = len(inputs[0])
+    for index in range(samples):
+        feed = {
+            name: values[index : index + 1]
+            for name, values in zip(input_names, inputs, strict=True)
+        }
+        results = execute_onnx(wrapper, feed)
+        for name, reference in zip(output_names, expected, strict=True):
+            difference = float(np.max(np.abs(results[name] - reference[index : index + 1])))
+            if difference > worst or np.isnan(difference):
+                worst, worst_output = difference, name
+    if worst != 0.0 or np.isnan(worst):
+        raise VerificationError(
+            "The exported ONNX must compute the QKeras model's outputs exactly. Received: "
+            f"a difference of up to {worst} on output {worst_output!r} over {samples} samples"
+        )
+    entry = onnx_model.metadata_props.add()
+    entry.key = "bnfold.verification"
+    entry.value = json.dumps(
+        {
+            "samples": samples,
+            "max_difference": worst,
+            "executor": "qonnx.core.onnx_exec.execute_onnx",
+        }
+    )
+    return Verification(samples, worst, worst_output)

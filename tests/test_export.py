@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+
+import bnfold
+import builders
+from bnfold.errors import QuantizerError, UnsupportedLayerError
+from bnfold.export.verify import sample_inputs
+from bnfold.fixedpoint import FixedPoint
+from bnfold.keras import keras, qkeras, quantizers
+
+MAC_KEYS = ("layer", "kernel_quantizer", "bias_quantizer", "accumulator", "accumulator_hls")
+
+
+def _metadata(node):
+    return {entry.key.removeprefix("bnfold."): entry.value for entry in node.metadata_props}
+
+
+def _sources(model):
+    return [builders.INPUT_QUANTIZER] * len(model.inputs)
+
+
+@pytest.fixture(scope="session")
+def exported():
+    """Each test model, populated, with its export (built and exported once)."""
+    result = {}
+    for name, build in builders.EXPORT_BUILDERS.items():
+        model = build()
+        onnx_model = bnfold.export_onnx(model, source_quantizers=_sources(model))
+        bnfold.populate_bias_quantizer_from_accumulator(model, _sources(model))
+        result[name] = (model, onnx_model)
+    return result
+
+
+NAMES = sorted(builders.EXPORT_BUILDERS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_qonnx_execution_equals_qkeras_bit_for_bit(exported, name):
+    model, onnx_model = exported[name]
+    types = [FixedPoint.from_quantizer(builders.INPUT_QUANTIZER)] * len(model.inputs)
+    inputs = sample_inputs(model, types, count=6, seed=123)
+    expected = model.predict(inputs, verbose=0)
+    expected = expected if isinstance(expected, list) else [expected]
+    wrapper = ModelWrapper(onnx_model)
+    for index in range(6):
+        feed = {
+            tensor.name: x[index : index + 1]
+            for tensor, x in zip(onnx_model.graph.input, inputs, strict=True)
+        }
+        results = execute_onnx(wrapper, feed)
+        for output, reference in zip(onnx_model.graph.output, expected, strict=True):
+            np.testing.assert_array_equal(results[output.name], reference[index : index + 1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_passes_full_check_and_uses_standard_forms(exported, name):
+    _, onnx_model = exported[name]
+    onnx.checker.check_model(onnx_model, full_check=True)
+    domains = {opset.domain: opset.version for opset in onnx_model.opset_import}
+    assert domains["qonnx.custom_op.general"] == 1
+    ops = {node.op_type for node in onnx_model.graph.node}
+    assert "Gemm" not in ops and "Mul" not in ops
+    for node in onnx_model.graph.node:
+        attributes = {a.name for a in node.attribute}
+        if node.op_type == "Conv":
+            assert {"pads", "dilations", "strides"} <= attributes and "auto_pad" not in attributes
+        if node.op_type == "Quant":
+            assert node.domain == "qonnx.custom_op.general"
+            assert {"signed", "narrow", "rounding_mode"} <= attributes
+    for tensor in onnx_model.graph.input:
+        assert tensor.type.tensor_type.shape.dim[0].dim_value == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_node_names_its_layer_and_mac_nodes_their_types(exported, name):
+    model, onnx_model = exported[name]
+    macs = bnfold.accumulator.mac_types(bnfold.unfold_model(model), _sources(model))
+    mac_nodes = set()
+    for node in onnx_model.graph.node:
+        metadata = _metadata(node)
+        assert "layer" in metadata, node.name
+        if node.op_type in ("Conv", "MatMul"):
+            assert set(MAC_KEYS) <= set(metadata), node.name
+            accumulator = macs[metadata["layer"]].types.accumulator
+            assert metadata["accumulator"] == accumulator.quantizer_string()
+            assert metadata["accumulator_hls"] == accumulator.hls()
+            mac_nodes.add(metadata["layer"])
+        if node.op_type == "Quant":
+            assert metadata["role"] in ("input", "kernel", "bias", "activation")
+    assert mac_nodes == set(macs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weight_quant_nodes_reproduce_qkeras_weights(exported, name):
+    model, onnx_model = exported[name]
+    macs = bnfold.accumulator.mac_types(bnfold.unfold_model(model), _sources(model))
+    initializers = {t.name: numpy_helper.to_array(t) for t in onnx_model.graph.initializer}
+    seen = set()
+    for node in onnx_model.graph.node:
+        metadata = _metadata(node)
+        if node.op_type != "Quant" or metadata["role"] not in ("kernel", "bias"):
+            continue
+        weights = macs[metadata["layer"]].weights
+        values, scale, zero, bits = (initializers[name] for name in node.input)
+        expected = weights.kernel if metadata["role"] == "kernel" else weights.bias
+        fixed = weights.kernel_grid if metadata["role"] == "kernel" else weights.bias_type
+        assert sorted(values.ravel()) == sorted(expected.ravel())
+        assert bits == fixed.bits and zero == 0
+        attributes = {a.name: a.i for a in node.attribute if a.name in ("signed", "narrow")}
+        assert attributes == {"signed": fixed.signed, "narrow": fixed.narrow}
+        channel_scales = (
+            1
+            if weights.kernel_scale is None or metadata["role"] == "bias"
+            else np.unique(weights.kernel_scale)
+        )
+        assert set(np.unique(scale / fixed.step)) == set(np.atleast_1d(channel_scales))
+        seen.add((metadata["layer"], metadata["role"]))
+    assert {layer for layer, role in seen if role == "kernel"} == set(macs)
+
+
+def test_per_channel_po2_scales_become_a_channel_scale_tensor(exported):
+    _, onnx_model = exported["sequential_conv"]
+    initializers = {t.name: numpy_helper.to_array(t) for t in onnx_model.graph.initializer}
+    quant = next(
+        node
+        for node in onnx_model.graph.node
+        if _metadata(node).get("layer") == "dw" and _metadata(node)["role"] == "kernel"
+    )
+    scale = initializers[quant.input[1]]
+    assert scale.shape == (12, 1, 1, 1) and len(np.unique(scale)) > 1  # 6 channels x 2
+
+
+def test_model_metadata_and_input_datatype(exported, tmp_path):
+    model, _ = exported["multi_io"]
+    path = tmp_path / "multi_io.h5"
+    model.save(path)
+    onnx_model = bnfold.export_onnx(path, source_quantizers=_sources(model), verify=False)
+    metadata = {entry.key: entry.value for entry in onnx_model.metadata_props}
+    assert metadata["bnfold.version"] == bnfold.__version__
+    assert metadata["bnfold.source"].startswith("multi_io.h5 sha256:")
+    layers = {row["layer"]: row for row in json.loads(metadata["bnfold.layers"])}
+    assert layers["shared_dense"]["class"] == "QDenseBatchnorm"
+    assert layers["conv_a"]["activation"] == "quantized_relu(6,3)"
+    annotations = {
+        a.tensor_name: {e.key: e.value for e in a.quant_parameter_tensor_names}
+        for a in onnx_model.graph.quantization_annotation
+    }
+    assert annotations == {
+        "image": {"finn_datatype": "FIXED<8,4>"},
+        "side": {"finn_datatype": "FIXED<8,4>"},
+    }
+    assert [output.name for output in onnx_model.graph.output] == ["out_a", "head"]
+
+
+def test_dynamic_batch(exported):
+    model, _ = exported["sequential_conv"]
+    onnx_model = bnfold.export_onnx(model, source_quantizers=_sources(model), batch_size=None)
+    dimension = onnx_model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dimension.dim_value == 0 and dimension.dim_param
+
+
+def test_model_passed_in_is_not_changed(exported):
+    model = builders.unpopulated()
+    bnfold.export_onnx(model, verify=False)
+    assert model.get_layer("conv").bias_quantizer_internal is None
+
+
+def test_unsupported_layer_names_layer_class_and_what_is_supported():
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.UpSampling2D(name="up")(inputs)
+    with pytest.raises(UnsupportedLayerError, match=r"'up'.*UpSampling2D.*Supported: .*QConv2D"):
+        bnfold.export_onnx(keras.Model(inputs, x), verify=False)
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [
+        quantizers.quantized_bits(4, 0, 1, alpha=1, qnoise_factor=0.5),
+        "quantized_tanh(4)",
+        "quantized_po2(4)",
+    ],
+    ids=["qnoise", "tanh", "po2"],
+)
+def test_unsupported_activation_quantizer_is_refused(quantizer):
+    inputs = keras.Input((6,))
+    x = qkeras.QDense(3, kernel_quantizer="quantized_bits(4,0,1)", name="d")(inputs)
+    x = qkeras.QActivation(quantizer, name="act")(x)
+    with pytest.raises(QuantizerError, match=r"'act'"):
+        bnfold.export_onnx(keras.Model(inputs, x), verify=False)
