@@ -195,3 +195,17 @@ def test_unsupported_activation_quantizer_is_refused(quantizer):
     x = qkeras.QActivation(quantizer, name="act")(x)
     with pytest.raises(QuantizerError, match=r"'act'"):
         bnfold.export_onnx(keras.Model(inputs, x), verify=False)
+
+
+def test_without_per_channel_scales_each_kernel_has_one_scale(exported):
+    model, _ = exported["sequential_conv"]
+    onnx_model = bnfold.export_onnx(
+        model, source_quantizers=_sources(model), per_channel_scales=False
+    )
+    initializers = {t.name: numpy_helper.to_array(t) for t in onnx_model.graph.initializer}
+    quants = [node for node in onnx_model.graph.node if node.op_type == "Quant"]
+    assert all(initializers[node.input[1]].size == 1 for node in quants)
+    dw = next(
+        n for n in quants if _metadata(n)["layer"] == "dw" and _metadata(n)["role"] == "kernel"
+    )
+    assert initializers[dw.input[3]] > 4  # the 4-bit grid widened by the spread of the scales

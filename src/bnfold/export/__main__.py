@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         help="leave the batch dimension dynamic (default: static batch of 1)",
     )
     parser.add_argument(
+        "--no-per-channel-scales",
+        dest="per_channel_scales",
+        action="store_false",
+        help="give each kernel one scale and a wider bit width instead of per-channel "
+        "power-of-two scales (hls4ml 1.3.0 cannot read per-channel scales)",
+    )
+    parser.add_argument(
         "--report", type=Path, metavar="PATH", help="also write the per-layer table as JSON"
     )
     parser.add_argument(
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             opset=args.opset,
             verify=args.verify,
             batch_size=None if args.dynamic_batch else 1,
+            per_channel_scales=args.per_channel_scales,
             on_stage=_progress(sys.stderr.isatty() or args.debug),
         )
         metadata = {entry.key: entry.value for entry in exported.metadata_props}

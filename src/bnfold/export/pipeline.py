@@ -58,6 +58,7 @@ def export_onnx(
     opset: int = 13,
     verify: bool = True,
     batch_size: int | None = 1,
+    per_channel_scales: bool = True,
     on_stage: Callable[[str], None] | None = None,
 ) -> onnx.ModelProto:
     """Export a QKeras model with folded batchnorm as QONNX for hls4ml and FINN.
@@ -74,6 +75,9 @@ def export_onnx(
             and fail unless they agree exactly.
         batch_size: the static batch size of the ONNX inputs (hardware flows need
             static shapes), or None for a dynamic batch.
+        per_channel_scales: write per-channel power-of-two kernel scales as a
+            per-channel scale tensor (QONNX, FINN); False gives each kernel one
+            scale and enough bits for every channel, which hls4ml 1.3.0 needs.
         on_stage: called with each stage's name as it starts (progress display).
 
     Returns:
@@ -93,7 +97,13 @@ def export_onnx(
     notify("unfold")
     unfolded = unfold_model(model)
     notify("strip")
-    stripped = strip(unfolded, sources, batch_size=batch_size, folded=model)
+    stripped = strip(
+        unfolded,
+        sources,
+        batch_size=batch_size,
+        folded=model,
+        per_channel_scales=per_channel_scales,
+    )
     notify("convert")
     converted = convert(stripped, opset=opset)
     notify("annotate")

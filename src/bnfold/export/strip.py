@@ -202,13 +202,23 @@ def _check_full_quantization(quantizer: Any, path: str) -> None:
         )
 
 
-def _weight_quant(mac: MacLayer, role: str, path: str) -> QuantSpec | None:
+def _weight_quant(
+    mac: MacLayer, role: str, path: str, per_channel_scales: bool
+) -> QuantSpec | None:
+    """The Quant of a kernel or bias; None when QKeras leaves it float.
+
+    Without ``per_channel_scales`` a kernel with per-channel power-of-two scales
+    gets one scale, the finest channel step, and a bit width wide enough for
+    every channel (the same values; hls4ml 1.3.0 cannot read per-channel scales).
+    """
     weights = mac.weights
     layer = mac.layer
     entry = mac_layer_type(layer)
     if role == "kernel":
         quantizer = getattr(layer, entry.kernel_quantizer) if entry.kernel_quantizer else None
         fixed, scale = weights.kernel_grid, weights.kernel_scale
+        if not per_channel_scales and scale is not None:
+            fixed, scale = weights.kernel_type, None
     else:
         quantizer = getattr(layer, "bias_quantizer_internal", None)
         fixed, scale = weights.bias_type, None
@@ -239,8 +249,9 @@ def _minimal_arguments(float_class: type) -> dict[str, Any]:
 class _Stripper:
     """Builds the float model layer by layer while recording the table."""
 
-    def __init__(self, macs: dict[str, MacLayer]) -> None:
+    def __init__(self, macs: dict[str, MacLayer], per_channel_scales: bool) -> None:
         self.macs = macs
+        self.per_channel_scales = per_channel_scales
         self.layers: dict[str, LayerRecord] = {}
         self.weights: list[WeightRecord] = []
         self.points: list[PointRecord] = []
@@ -312,7 +323,7 @@ class _Stripper:
             for role, values in (("kernel", mac.weights.kernel), ("bias", mac.weights.bias)):
                 if values is None:
                     continue
-                quant = _weight_quant(mac, role, path)
+                quant = _weight_quant(mac, role, path, self.per_channel_scales)
                 self.weights.append(WeightRecord(path, role, self.next_marker, values, quant))
                 markers.append(_markers(self.next_marker, values.shape))
                 self.next_marker += values.size
@@ -356,6 +367,7 @@ def strip(
     *,
     batch_size: int | None = 1,
     folded: keras.Model | None = None,
+    per_channel_scales: bool = True,
 ) -> Stripped:
     """Turn a plain (unfolded) QKeras model into a float model with markers, and its table.
 
@@ -365,6 +377,8 @@ def strip(
         batch_size: the static batch size of the float model's inputs, or None.
         folded: the model ``model`` was unfolded from, whose layer classes the
             table reports (a user knows their layers as QConv2DBatchnorm, ...).
+        per_channel_scales: keep per-channel power-of-two kernel scales as a
+            scale tensor; False gives each kernel one scale and a wider bit width.
 
     Returns:
         The float model and the records annotate needs.
@@ -373,7 +387,7 @@ def strip(
         UnsupportedLayerError: a layer or activation bnfold cannot export.
         QuantizerError: a quantizer with no QONNX Quant form.
     """
-    stripper = _Stripper(mac_types(model, source_quantizers))
+    stripper = _Stripper(mac_types(model, source_quantizers), per_channel_scales)
     inputs, starts = [], []
     for tensor, quantizer in zip(model.inputs, source_quantizers, strict=True):
         name = tensor.name.split(":")[0]
