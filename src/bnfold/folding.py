@@ -158,7 +158,8 @@ def folded_weights(layer: Any) -> tuple[np.ndarray, np.ndarray]:
     return kernel.numpy(), bias.numpy()
 
 
-def _constructor_arguments(cls: type) -> set[str]:
+def constructor_arguments(cls: type) -> set[str]:
+    """The settings a Keras layer class accepts: its own arguments and the base layer's."""
     return set(inspect.signature(cls.__init__).parameters) | set(_BASE_LAYER_ARGUMENTS)
 
 
@@ -181,7 +182,7 @@ def convert_folded_layer_to_unfolded(layer: Any) -> keras.layers.Layer:
         UnsupportedLayerError: ``layer`` is not a folded layer.
     """
     entry = _require_folded_layer_type(layer)
-    accepted = _constructor_arguments(entry.plain)
+    accepted = constructor_arguments(entry.plain)
     settings = {key: value for key, value in layer.get_config().items() if key in accepted}
     settings.update(
         {

@@ -26,6 +26,7 @@ import numpy as np
 from bnfold.accumulator import VALUE_PRESERVING_LAYERS, MacLayer, mac_types
 from bnfold.errors import QuantizerError, UnsupportedLayerError
 from bnfold.fixedpoint import FixedPoint
+from bnfold.folding import constructor_arguments
 from bnfold.graph import iter_layers, propagate
 from bnfold.keras import keras, tf
 from bnfold.mac import mac_layer_type
@@ -142,8 +143,14 @@ class Stripped:
     output_names: list[str]  # the Keras model's output names, for the ONNX outputs
 
 
+MAX_POINTS = 2**20 - 1
+
+
 def point_constant(point: int) -> np.float32:
-    """The multiplier that stands for QuantPoint ``point`` in the converted graph."""
+    """The multiplier that stands for QuantPoint ``point`` in the converted graph.
+
+    Distinct and exact in float32 for up to ``MAX_POINTS`` points.
+    """
     return np.float32(1.0 + (point + 1) * 2.0**-20)
 
 
@@ -230,20 +237,12 @@ def _weight_quant(
 
 def _float_config(layer: Any, float_class: type) -> dict[str, Any]:
     """The settings of ``layer`` that ``float_class`` has, minus training-only ones."""
-    accepted = float_class(**_minimal_arguments(float_class)).get_config()
+    accepted = constructor_arguments(float_class)
     return {
         key: value
         for key, value in layer.get_config().items()
         if key in accepted and key != "name" and not key.endswith(_TRAINING_SETTINGS)
     } | {"activation": None}
-
-
-def _minimal_arguments(float_class: type) -> dict[str, Any]:
-    if float_class in (keras.layers.Dense,):
-        return {"units": 1}
-    if float_class is keras.layers.DepthwiseConv2D:
-        return {"kernel_size": 1}
-    return {"filters": 1, "kernel_size": 1}
 
 
 class _Stripper:
@@ -266,6 +265,11 @@ class _Stripper:
         return scope
 
     def point(self, tensor: Any, path: str, role: str, quant: QuantSpec, relu: bool) -> Any:
+        if len(self.points) == MAX_POINTS:
+            raise UnsupportedLayerError(
+                f"bnfold exports at most {MAX_POINTS} quantized activations and inputs. "
+                f"Received: more, at layer={path!r}"
+            )
         self.points.append(PointRecord(path, role, quant))
         return QuantPoint(len(self.points) - 1, relu=relu, name=self._scope(path))(tensor)
 
