@@ -470,6 +470,80 @@ def test_hls_has_no_narrow_form():
     assert FixedPoint(8, 3, True, narrow=True).hls() == FixedPoint(8, 3, True).hls()
 
 
+@pytest.mark.parametrize(
+    ("fp", "plain", "quantizing"),
+    [
+        (FixedPoint(8, 3, True), "fixed<8,4>", "fixed<8,4,RND_CONV,SAT>"),
+        (FixedPoint(8, 3, True, narrow=True), "fixed<8,4>", "fixed<8,4,RND_CONV,SAT_SYM>"),
+        (FixedPoint(6, 2, False), "ufixed<6,2>", "ufixed<6,2,RND_CONV,SAT>"),
+        (FixedPoint(1, -3, False), "ufixed<1,-3>", "ufixed<1,-3,RND_CONV,SAT>"),
+        (FixedPoint(4, 6, True, narrow=True), "fixed<4,7>", "fixed<4,7,RND_CONV,SAT_SYM>"),
+    ],
+    ids=str,
+)
+def test_hls4ml_precision_spells_hls_for_hls4ml(fp, plain, quantizing):
+    assert fp.hls4ml_precision() == plain
+    assert fp.hls4ml_precision(quantizing=True) == quantizing
+    assert "ap_" + plain == fp.hls()
+
+
+@pytest.mark.parametrize(
+    "fp",
+    [
+        FixedPoint(8, 3, True),
+        FixedPoint(19, 8, True, narrow=True),
+        FixedPoint(4, -2, True),
+        FixedPoint(6, 2, False),
+        FixedPoint(3, 5, False),
+        FixedPoint(1, 0, False),
+    ],
+    ids=str,
+)
+def test_from_hls_inverts_hls(fp):
+    assert FixedPoint.from_hls(fp.hls()) == dataclasses.replace(fp, narrow=False)
+
+
+@pytest.mark.parametrize("text", ["fixed<8,4>", "ap_fixed<8>", "ap_fixed<8,4,AP_RND>", "8,4", ""])
+def test_from_hls_refuses_other_strings(text):
+    with pytest.raises(ValueError, match="ap_fixed<W,I> or ap_ufixed<W,I>"):
+        FixedPoint.from_hls(text)
+
+
+@pytest.mark.parametrize(
+    "fp",
+    [
+        FixedPoint(8, 3, True),
+        FixedPoint(8, 3, True, narrow=True),
+        FixedPoint(6, 2, False),
+        FixedPoint(5, -2, True, narrow=True),
+        FixedPoint(3, 4, False),
+        FixedPoint(1, 1, False),
+    ],
+    ids=str,
+)
+def test_from_qonnx_quant_inverts_the_quant_node_of_a_type(fp):
+    """bitwidth=bits, scale=step, signed, narrow: the node bnfold writes for ``fp``."""
+    bitwidth, scale = np.float32(fp.bits), np.float32(fp.step)
+    assert FixedPoint.from_qonnx_quant(bitwidth, scale, signed=fp.signed, narrow=fp.narrow) == fp
+    equal_channels = np.full((4, 1, 1, 1), fp.step, dtype=np.float32)
+    same = FixedPoint.from_qonnx_quant(fp.bits, equal_channels, signed=fp.signed, narrow=fp.narrow)
+    assert same == fp
+
+
+@pytest.mark.parametrize(
+    ("scale", "signed", "narrow", "message"),
+    [
+        (0.75, True, False, "power-of-two scale"),
+        (np.array([0.5, 0.25]), True, False, "power-of-two scale"),
+        (-0.5, True, False, "power-of-two scale"),
+        (0.5, False, True, "unsigned narrow"),
+    ],
+)
+def test_from_qonnx_quant_refuses_nodes_without_a_type(scale, signed, narrow, message):
+    with pytest.raises(ValueError, match=message):
+        FixedPoint.from_qonnx_quant(4, scale, signed=signed, narrow=narrow)
+
+
 # ------------------------------------------------------------------ accumulator algebra
 
 

@@ -23,6 +23,7 @@ _PUBLIC = {
     "load_model": "bnfold.loading",
     "FixedPoint": "bnfold.fixedpoint",
     "export_onnx": "bnfold.export.pipeline",
+    "hls4ml_config": "bnfold.hls4ml",
 }
 _SUBMODULES = ("layers",)
 

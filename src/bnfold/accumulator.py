@@ -24,15 +24,16 @@ the product of two full-range signed types needs one more integer bit.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from bnfold.errors import QuantizerError, TypeInferenceError
+from bnfold.errors import QuantizerError, RangeWarning, TypeInferenceError
 from bnfold.fixedpoint import FixedPoint, as_quantizer
-from bnfold.folding import folded_layer_type
+from bnfold.folding import folded_layer_type, folded_weights
 from bnfold.graph import propagate
 from bnfold.keras import keras
 from bnfold.mac import QuantizedWeights, mac_layer_type, quantized_weights
@@ -69,11 +70,16 @@ class MacTypes:
 
 @dataclass(frozen=True)
 class MacLayer:
-    """One MAC layer with the weights it computes with and its inferred types."""
+    """One MAC layer with the weights it computes with and its inferred types.
+
+    ``types`` is None only from ``mac_types(..., strict=False)``, for a layer whose
+    input or kernel has no fixed-point type; ``untyped`` then says why.
+    """
 
     layer: Any
     weights: QuantizedWeights
-    types: MacTypes
+    types: MacTypes | None
+    untyped: str | None = None
 
 
 def _relu(value: Typed) -> Typed:
@@ -278,9 +284,14 @@ def _source_types(model: keras.Model, source_quantizers: Any) -> list[Typed]:
 
 
 def mac_types(
-    model: keras.Model, source_quantizers: Any = None, mode: Mode = "widths"
+    model: keras.Model, source_quantizers: Any = None, mode: Mode = "widths", *, strict: bool = True
 ) -> dict[str, MacLayer]:
-    """Every MAC layer of ``model`` by path (``block/conv`` when nested), with its types."""
+    """Every MAC layer of ``model`` by path (``block/conv`` when nested), with its types.
+
+    With ``strict`` a MAC layer whose input or kernel is float raises
+    ``TypeInferenceError``; without, it gets ``types=None`` (a float layer has
+    no accumulator type, and neither has whatever its output feeds).
+    """
     if mode not in ("widths", "weights"):
         raise ValueError(f"mode must be 'widths' or 'weights'. Received: mode={mode!r}")
     found: dict[str, MacLayer] = {}
@@ -298,12 +309,20 @@ def mac_types(
         value = values[0]
         if path in found:
             # A shared layer: one type must serve every call.
-            weights = found[path].weights
+            weights, previous = found[path].weights, found[path].types
+            if previous is None:
+                return [Untyped(found[path].untyped or "")]
             if not isinstance(value, Untyped):
-                value = found[path].types.input.union(value)
+                value = previous.input.union(value)
         else:
             weights = quantized_weights(layer)
-        types = _mac_types(layer, weights, value, mode)
+        try:
+            types = _mac_types(layer, weights, value, mode)
+        except TypeInferenceError as error:
+            if strict:
+                raise
+            found[path] = MacLayer(layer, weights, None, str(error))
+            return [Untyped(str(error))]
         found[path] = MacLayer(layer, weights, types)
         return [_activation_type(layer.activation, types.accumulator, layer)]
 
@@ -363,12 +382,18 @@ def populate_bias_quantizer_from_accumulator(
 
     Returns:
         ``model``.
+
+    Raises:
+        TypeInferenceError: a folded layer to fill has a float input or kernel
+            (other layers may be float).
     """
-    for mac in mac_types(model, source_quantizers).values():
+    for mac in mac_types(model, source_quantizers, strict=False).values():
         layer = mac.layer
         entry = folded_layer_type(layer)
         if entry is None or layer.bias_quantizer_internal is not None:
             continue
+        if mac.types is None:
+            raise TypeInferenceError(mac.untyped)
         bias_type = mac.types.sum_of_products
         if bias_type.integer < 0:
             # QKeras cannot apply quantized_bits with negative integer bits; same step.
@@ -379,3 +404,48 @@ def populate_bias_quantizer_from_accumulator(
         layer.quantizers = [getattr(layer, f"{entry.kernel_quantizer}_internal"), quantizer]
     _reset_compiled_functions(model)
     return model
+
+
+# Hardware accumulators are commonly 32-bit integers (FINN's default, DSP cascades).
+MAX_ACCUMULATOR_BITS = 32
+
+
+def _unquantized_bias(layer: Any) -> np.ndarray | None:
+    """The bias before its quantizer: folded first for a folded layer."""
+    if folded_layer_type(layer) is not None:
+        return folded_weights(layer)[1]
+    return np.asarray(layer.bias, dtype=np.float32) if layer.use_bias else None
+
+
+def warn_unrepresentable(macs: dict[str, MacLayer]) -> None:
+    """Warn, naming the layer, about numbers the fixed-point types do not hold.
+
+    A bias beyond its quantizer's range is clipped by QKeras, and by the export
+    that reproduces it, so this is a warning, not an error. Rounding (less than
+    half a step beyond the range) is not reported.
+    """
+    for path, mac in macs.items():
+        bias_type = mac.weights.bias_type
+        quantizer = getattr(mac.layer, "bias_quantizer_internal", None)
+        if bias_type is not None and quantizer is not None:
+            bias = _unquantized_bias(mac.layer)
+            low, high = (0.0, 0.0) if bias is None else (float(bias.min()), float(bias.max()))
+            margin = bias_type.step / 2
+            if low < bias_type.min - margin or high > bias_type.max + margin:
+                warnings.warn(
+                    "A folded bias should lie within its bias quantizer's range; QKeras clips "
+                    f"it, and so does the export. Received: layer={path!r} with bias in "
+                    f"[{low:g}, {high:g}] and bias quantizer {quantizer} holding "
+                    f"[{bias_type.min:g}, {bias_type.max:g}]",
+                    RangeWarning,
+                    stacklevel=2,
+                )
+        accumulator = mac.types and mac.types.accumulator
+        if accumulator is not None and accumulator.bits > MAX_ACCUMULATOR_BITS:
+            warnings.warn(
+                f"An accumulator should fit in {MAX_ACCUMULATOR_BITS} bits, the width many "
+                f"hardware kernels accumulate in. Received: layer={path!r} needs "
+                f"{accumulator.hls()} ({accumulator.bits} bits)",
+                RangeWarning,
+                stacklevel=2,
+            )

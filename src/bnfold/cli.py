@@ -1,12 +1,26 @@
-"""What bnfold's command-line tools share: a quiet TensorFlow start."""
+"""What bnfold's command-line tools share: a quiet TensorFlow start, one-line errors and warnings.
+
+A failed command prints one line, ``error: ...``, naming what is wrong and with
+which file or layer, whatever the exception; the traceback only with
+``--debug``. bnfold's warnings print as ``warning: ...`` lines. Nothing here
+imports TensorFlow.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from bnfold.errors import BnfoldError, BnfoldWarning, OutputPathError
+
+EXIT_FAILED = 1
 
 
 @contextlib.contextmanager
@@ -39,3 +53,65 @@ def import_tensorflow_quietly(debug: bool = False) -> None:
     with _stderr_silenced():
         from bnfold.keras import tf
     tf.get_logger().setLevel("ERROR")
+    # tf2onnx warns through logging (about opsets, say), which would add lines to an error.
+    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined, for messages that must stay on one terminal line."""
+    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+
+def report_failure(error: BaseException, *, model: Path | None = None, debug: bool = False) -> int:
+    """Print ``error`` as one ``error: ...`` line on stderr (after its traceback with ``debug``).
+
+    The model path leads the line unless the message names it, or the error is
+    about an output path (which the message names). An error that is neither a
+    ``BnfoldError`` nor an ``OSError`` is a bug, and an ``ExportError`` with a
+    ``stage`` an unforeseen failure inside a stage: for those the line also says
+    how to see the traceback.
+
+    Returns:
+        The exit status of a failed command.
+    """
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    message = one_line(str(error)) or type(error).__name__
+    if not isinstance(error, BnfoldError | OSError):
+        message = f"unexpected {type(error).__name__}: {message}"
+    unforeseen = not isinstance(error, BnfoldError | OSError) or getattr(error, "stage", None)
+    if unforeseen and not debug:
+        message += "; rerun with --debug for the traceback"
+    if model is not None and str(model) not in message and not isinstance(error, OutputPathError):
+        message = f"{model}: {message}"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_FAILED
+
+
+def _show_bnfold_warnings_as_lines(original: Any) -> Any:
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(category, BnfoldWarning):
+            print(f"warning: {one_line(str(message))}", file=file or sys.stderr, flush=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    return show
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Print each bnfold warning as one ``warning: ...`` line on stderr, every time it occurs.
+
+    Other warnings keep Python's format and filters. Usable as a decorator.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", BnfoldWarning)
+        warnings.showwarning = _show_bnfold_warnings_as_lines(warnings.showwarning)
+        yield

@@ -1,7 +1,10 @@
-"""The errors bnfold raises for problems a user can cause.
+"""The errors and warnings bnfold raises for problems a user can cause.
 
 Every message states the constraint first, then what was received, and names
-the file, layer, class or quantizer at fault.
+the file, layer, class or quantizer at fault. Every error is a ``BnfoldError``;
+an export that fails on anything else (a bug, or an unforeseen failure inside
+Keras, h5py or tf2onnx) raises an ``ExportError`` naming the stage, so callers
+need to catch one class. Warnings are ``BnfoldWarning``s: the export goes on.
 """
 
 from __future__ import annotations
@@ -15,8 +18,16 @@ class ModelFileError(BnfoldError, OSError):
     """A model file or directory cannot be read as a Keras model."""
 
 
+class OutputPathError(BnfoldError, OSError):
+    """An output file cannot be written where it was asked for (checked before any work)."""
+
+
 class UnsupportedLayerError(BnfoldError, TypeError):
     """A layer of a class bnfold cannot handle at this stage."""
+
+
+class UnsupportedShapeError(BnfoldError, ValueError):
+    """A model input has unknown (None) dimensions where the export needs static shapes."""
 
 
 class InvalidWeightsError(BnfoldError, ValueError):
@@ -37,8 +48,33 @@ class QuantizerError(BnfoldError, ValueError):
 
 
 class ExportError(BnfoldError, RuntimeError):
-    """A stage of the ONNX export could not do its part (tf2onnx, annotation)."""
+    """A stage of the ONNX export could not do its part (tf2onnx, annotation, an unforeseen error).
+
+    Attributes:
+        stage: the pipeline stage that failed (``bnfold.export.STAGES``), when known.
+    """
+
+    def __init__(self, message: str, *, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class VerificationError(ExportError):
     """The exported ONNX does not compute what the QKeras model computes."""
+
+
+class BnfoldWarning(UserWarning):
+    """Base class of bnfold's warnings: something the user should know; the export goes on."""
+
+
+class FloatModelWarning(BnfoldWarning):
+    """The model has no QKeras layer: it is exported in float, without Quant nodes."""
+
+
+class RangeWarning(BnfoldWarning):
+    """A number the hardware types will not hold as the float model does.
+
+    Issued for a folded bias beyond its bias quantizer's range (QKeras clips it,
+    and the export keeps the clipped values), and for an accumulator wider than
+    32 bits (more than the 32-bit integer many hardware kernels accumulate in).
+    """

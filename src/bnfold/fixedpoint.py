@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -66,6 +67,8 @@ _QKERAS_QUANTIZERS = frozenset(
         "ternary",
     }
 )
+
+_AP_FIXED = re.compile(r"ap_(u?)fixed<\s*(\d+)\s*,\s*(-?\d+)\s*>")
 
 _SUPPORTED = (
     "quantized_bits (alpha None or 1), quantized_relu (use_sigmoid 0, negative_slope 0), "
@@ -371,6 +374,20 @@ class FixedPoint:
             return f"ap_fixed<{self.bits},{self.integer + 1}>"
         return f"ap_ufixed<{self.bits},{self.integer}>"
 
+    def hls4ml_precision(self, *, quantizing: bool = False) -> str:
+        """The type in hls4ml's configuration syntax: ``fixed<W,I>`` or ``ufixed<W,I>``.
+
+        ``I`` counts the sign bit, as in :meth:`hls`. Without ``quantizing`` hls4ml's
+        default modes apply (truncate, wrap); they never act on a value the type holds,
+        which is right for accumulators and results wide enough by construction. With
+        ``quantizing`` the modes of a QKeras quantizer are appended, the ones hls4ml itself
+        gives a QONNX ``Quant`` node: ``RND_CONV`` rounds half to even, ``SAT`` saturates,
+        and ``SAT_SYM`` saturates a narrow type at ``-max``.
+        """
+        kind, integer = ("fixed", self.integer + 1) if self.signed else ("ufixed", self.integer)
+        modes = f",RND_CONV,{'SAT_SYM' if self.narrow else 'SAT'}" if quantizing else ""
+        return f"{kind}<{self.bits},{integer}{modes}>"
+
     def qonnx_datatype(self) -> str:
         """The QONNX name of the integer codes, ``value / step``: ``INTn``, ``UINTn``, ``BINARY``.
 
@@ -437,6 +454,68 @@ class FixedPoint:
         if name in _REFUSED:
             raise context.error(f"{name} has no fixed-point type ({_REFUSED[name]})")
         return _CONVERTERS[name](quantizer, context)
+
+    @classmethod
+    def from_hls(cls, text: str) -> FixedPoint:
+        """The type an ``ap_fixed<W,I>`` or ``ap_ufixed<W,I>`` string names; inverts :meth:`hls`.
+
+        ``ap_fixed`` has no narrow form, so the type is full-range.
+
+        Args:
+            text: An ``ap_fixed``/``ap_ufixed`` type without modes, as bnfold writes it.
+
+        Returns:
+            The ``FixedPoint`` whose :meth:`hls` is ``text``.
+
+        Raises:
+            ValueError: If ``text`` is not such a type.
+        """
+        match = _AP_FIXED.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(
+                f"An hls type must read ap_fixed<W,I> or ap_ufixed<W,I>. Received: {text!r}"
+            )
+        unsigned, bits, integer = match.groups()
+        signed = not unsigned
+        return cls(int(bits), int(integer) - signed, signed)
+
+    @classmethod
+    def from_qonnx_quant(
+        cls, bitwidth: Any, scale: Any, *, signed: bool, narrow: bool
+    ) -> FixedPoint:
+        """The type of a QONNX ``Quant`` node's output, for zero point 0 and one scale.
+
+        Inverts the Quant node bnfold writes for a type: ``bitwidth=bits``,
+        ``scale=step``, ``signed``, ``narrow``.
+
+        Args:
+            bitwidth: The node's bit width, an integer (a numpy scalar or 1-element array).
+            scale: The node's scale, a power of two (a number or an array of equal values).
+            signed: The node's ``signed`` attribute.
+            narrow: The node's ``narrow`` attribute.
+
+        Returns:
+            The ``FixedPoint`` holding exactly the node's output values.
+
+        Raises:
+            ValueError: For a bit width that is not an integer, a scale that is not one
+                positive power of two, and an unsigned narrow node (it drops its largest
+                code, which no ``FixedPoint`` does).
+        """
+        bits = _plain_int(bitwidth, "bitwidth")
+        scales = np.unique(np.asarray(scale, dtype=np.float64))
+        mantissa, exponent = math.frexp(float(scales[0])) if scales.size == 1 else (0.0, 0)
+        if mantissa != 0.5:
+            raise ValueError(
+                "A Quant node has a fixed-point type only with one positive power-of-two "
+                f"scale. Received: scale={scale!r}"
+            )
+        if narrow and not signed:
+            raise ValueError(
+                "An unsigned narrow Quant node drops its largest code, which no FixedPoint "
+                f"does. Received: bitwidth={bits}, signed={signed!r}, narrow={narrow!r}"
+            )
+        return cls(bits, bits - bool(signed) - (1 - exponent), bool(signed), bool(narrow))
 
     def _exact_bounds(self) -> tuple[Fraction, Fraction]:
         """``min`` and ``max`` as exact fractions, whatever the width."""

@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
-EXIT_FAILED = 1
+from bnfold.cli import report_failure, warnings_as_lines
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
         "--report", type=Path, metavar="PATH", help="also write the per-layer table as JSON"
     )
     parser.add_argument(
+        "--hls4ml-config",
+        type=Path,
+        metavar="PATH",
+        help="also write an hls4ml configuration with bnfold's types, YAML for a .yml/.yaml "
+        "PATH, JSON otherwise; implies --no-per-channel-scales (see bnfold.hls4ml)",
+    )
+    parser.add_argument(
         "--debug", action="store_true", help="show TensorFlow's logs and full tracebacks"
     )
     return parser
@@ -102,19 +108,41 @@ def _write_report(path: Path, report: dict[str, Any]) -> None:
         temporary.write_text(json.dumps(report, indent=2) + "\n")
 
 
+def _write_hls4ml_config(path: Path, config: dict[str, Any]) -> None:
+    from bnfold.files import atomic_output
+
+    if path.suffix.lower() in (".yml", ".yaml"):
+        import yaml
+
+        text = yaml.safe_dump(config, sort_keys=False)
+    else:
+        text = json.dumps(config, indent=2) + "\n"
+    with atomic_output(path) as temporary:
+        temporary.write_text(text)
+
+
+def _default_output(model: Path) -> Path:
+    """MODEL with the suffix .onnx; a SavedModel given as "." or ".." by its real name."""
+    return (model.resolve() if model.name in ("", "..") else model).with_suffix(".onnx")
+
+
+@warnings_as_lines()
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    output = args.output or args.model.with_suffix(".onnx")
     from bnfold.cli import import_tensorflow_quietly
 
     import_tensorflow_quietly(debug=args.debug)
-    from bnfold.errors import BnfoldError
     from bnfold.export import export_onnx
+    from bnfold.files import check_output_path
 
     sources = None
     if args.input_quantizers:
         sources = [None if q.lower() == "float" else q for q in args.input_quantizers]
     try:
+        output = args.output or _default_output(args.model)
+        for extra_output in (args.report, args.hls4ml_config):
+            if extra_output is not None:
+                check_output_path(extra_output, source=args.model)
         exported = export_onnx(
             args.model,
             output,
@@ -122,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             opset=args.opset,
             verify=args.verify,
             batch_size=None if args.dynamic_batch else 1,
-            per_channel_scales=args.per_channel_scales,
+            # hls4ml 1.3.0 reads one scale per weight Quant node.
+            per_channel_scales=args.per_channel_scales and not args.hls4ml_config,
             on_stage=_progress(sys.stderr.isatty() or args.debug),
         )
         metadata = {entry.key: entry.value for entry in exported.metadata_props}
@@ -138,13 +167,20 @@ def main(argv: list[str] | None = None) -> int:
                     "verification": verification,
                 },
             )
-    except (BnfoldError, OSError) as error:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {args.model}: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        if args.hls4ml_config:
+            from bnfold.hls4ml import hls4ml_config
+
+            _write_hls4ml_config(args.hls4ml_config, hls4ml_config(exported))
+    except Exception as error:  # whatever it is, one line (the traceback with --debug)
+        return report_failure(error, model=args.model, debug=args.debug)
     print(_layer_table(layers))
-    if verification:
+    if verification and verification.get("tolerance"):
+        print(
+            f"verified (float model): QONNX matches Keras within {verification['tolerance']:g} "
+            f"on {verification['samples']} samples "
+            f"(max difference {verification['max_difference']})"
+        )
+    elif verification:
         print(
             f"verified: QONNX equals QKeras on {verification['samples']} samples "
             f"(max difference {verification['max_difference']})"
@@ -152,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("not verified (--no-verify)")
     print(f"wrote {output}")
+    if args.hls4ml_config:
+        print(f"wrote {args.hls4ml_config}")
     return 0
 
 

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,15 @@ import onnx
 
 from bnfold import __version__
 from bnfold.accumulator import populate_bias_quantizer_from_accumulator, source_quantizers_for
+from bnfold.errors import BnfoldError, ExportError, FloatModelWarning
 from bnfold.export.annotate import annotate
 from bnfold.export.convert import convert
 from bnfold.export.strip import strip
 from bnfold.export.verify import Verification, sample_inputs
 from bnfold.export.verify import verify as verify_outputs
-from bnfold.files import atomic_output
+from bnfold.files import atomic_output, check_output_path
 from bnfold.fixedpoint import FixedPoint
+from bnfold.graph import iter_layers
 from bnfold.keras import keras
 from bnfold.loading import load_model
 from bnfold.unfold import copy_model, unfold_model
@@ -35,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("load", "populate", "unfold", "strip", "convert", "annotate", "verify", "write")
 VERIFY_SAMPLES = 8
+# tf2onnx converts up to opset 18; below 9 the exported graph fails verification.
+OPSETS = range(9, 19)
+# Models without quantizers compute in float32, where TensorFlow and onnxruntime
+# sum in different orders; relative to the largest output magnitude.
+FLOAT_TOLERANCE = 1e-4
 
 
 def _source(path: Path | None) -> dict[str, str]:
@@ -50,6 +59,65 @@ def _source(path: Path | None) -> dict[str, str]:
     return {"source": f"{path.name} sha256:{digest.hexdigest()}"}
 
 
+def _log_stage(stage: str) -> None:
+    logger.info("bnfold export: %s", stage)
+
+
+def _has_quantizers(model: keras.Model) -> bool:
+    """Whether any layer is a QKeras or bnfold layer, or applies a QKeras quantizer."""
+    return any(
+        type(item).__module__.split(".")[0] in ("qkeras", "bnfold")
+        for _, layer in iter_layers(model)
+        for item in (layer, getattr(layer, "activation", None))
+    )
+
+
+def _float_model_warning(model: keras.Model, path: Path | None) -> None:
+    source = f" from {str(path)!r}" if path is not None else ""
+    warnings.warn(
+        "bnfold exports quantized models; one without QKeras layers is exported in float, "
+        "with no Quant nodes (unless input quantizers are given) and no accumulator types. "
+        f"Received: model {model.name!r}{source} without QKeras layers",
+        FloatModelWarning,
+        stacklevel=4,  # the caller of export_onnx, past its error-naming wrapper
+    )
+
+
+def _errors_name_their_stage(
+    export: Callable[..., onnx.ModelProto],
+) -> Callable[..., onnx.ModelProto]:
+    """Turn any exception that is not a ``BnfoldError`` into an ``ExportError`` naming its stage.
+
+    Keras, h5py and tf2onnx raise many types on inputs they cannot handle; callers
+    should have one class to catch, and learn which stage failed.
+    """
+
+    @functools.wraps(export)
+    def run(*args: Any, on_stage: Callable[[str], None] | None = None, **kwargs: Any) -> Any:
+        stage = STAGES[0]
+
+        def notify(name: str) -> None:
+            nonlocal stage
+            stage = name
+            (on_stage or _log_stage)(name)
+
+        try:
+            return export(*args, on_stage=notify, **kwargs)
+        except BnfoldError:
+            raise
+        except Exception as error:
+            lines = str(error).strip().splitlines()
+            message = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+            raise ExportError(
+                f"The {stage} stage of the export failed on an error bnfold does not "
+                f"anticipate. Received: {message}",
+                stage=stage,
+            ) from error
+
+    return run
+
+
+@_errors_name_their_stage
 def export_onnx(
     model_or_path: keras.Model | str | os.PathLike[str],
     output_path: str | os.PathLike[str] | None = None,
@@ -83,14 +151,38 @@ def export_onnx(
     Returns:
         The QONNX model.
 
+    A model without any QKeras layer is exported in float, with a
+    ``FloatModelWarning``: its inputs are float unless ``source_quantizers`` says
+    otherwise, its MAC layers have no accumulator types, and verification allows
+    a difference of ``FLOAT_TOLERANCE`` relative to the largest output (float sums
+    depend on the order of additions, which differs between TensorFlow and
+    onnxruntime).
+
     Raises:
-        bnfold.errors.BnfoldError: a subclass naming the file, layer or quantizer at fault.
+        bnfold.errors.BnfoldError: a subclass naming the file, layer or quantizer at
+            fault; ``OutputPathError`` before any work if ``output_path`` cannot be
+            written; ``ExportError`` naming the stage for any unforeseen failure.
+
+    Warns:
+        bnfold.errors.BnfoldWarning: ``FloatModelWarning`` as above; ``RangeWarning``
+            for a folded bias its quantizer clips, or an accumulator over 32 bits.
     """
-    notify = on_stage or (lambda stage: logger.info("bnfold export: %s", stage))
+    notify = on_stage or _log_stage
     source_path = None if isinstance(model_or_path, keras.Model) else Path(model_or_path)
+    if opset not in OPSETS:
+        raise ExportError(
+            f"The ONNX opset must be between {OPSETS[0]} and {OPSETS[-1]}. Received: opset={opset}"
+        )
+    if output_path is not None:
+        check_output_path(output_path, source=source_path)
 
     notify("load")
     model = copy_model(model_or_path) if source_path is None else load_model(source_path)
+    quantized = _has_quantizers(model)
+    if not quantized:
+        _float_model_warning(model, source_path)
+        if source_quantizers is None:
+            source_quantizers = [None] * len(model.inputs)
     sources = source_quantizers_for(model, source_quantizers)
     notify("populate")
     populate_bias_quantizer_from_accumulator(model, sources)
@@ -103,6 +195,7 @@ def export_onnx(
         batch_size=batch_size,
         folded=model,
         per_channel_scales=per_channel_scales,
+        allow_float=not quantized,
     )
     notify("convert")
     converted = convert(stripped, opset=opset)
@@ -111,7 +204,12 @@ def export_onnx(
     if verify:
         notify("verify")
         source_types = [None if q is None else FixedPoint.from_quantizer(q) for q in sources]
-        verify_outputs(model, exported, sample_inputs(model, source_types, VERIFY_SAMPLES))
+        verify_outputs(
+            model,
+            exported,
+            sample_inputs(model, source_types, VERIFY_SAMPLES),
+            tolerance=0.0 if quantized else FLOAT_TOLERANCE,
+        )
     if output_path is not None:
         notify("write")
         with atomic_output(output_path) as temporary:

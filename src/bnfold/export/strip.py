@@ -23,8 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.accumulator import VALUE_PRESERVING_LAYERS, MacLayer, mac_types
-from bnfold.errors import QuantizerError, UnsupportedLayerError
+from bnfold.accumulator import (
+    VALUE_PRESERVING_LAYERS,
+    MacLayer,
+    mac_types,
+    warn_unrepresentable,
+)
+from bnfold.errors import QuantizerError, UnsupportedLayerError, UnsupportedShapeError
 from bnfold.fixedpoint import FixedPoint
 from bnfold.folding import constructor_arguments
 from bnfold.graph import iter_layers, propagate
@@ -334,7 +339,7 @@ class _Stripper:
                 setattr(record, f"{role}_quantizer", quant and quant.quantizer)
             float_layer.set_weights(markers)
             self.float_layers[path] = float_layer
-            record.accumulator = mac.types.accumulator
+            record.accumulator = mac.types and mac.types.accumulator
         output = self.float_layers[path](tensor)
         return self._activation(layer.activation, output, path, record)
 
@@ -356,11 +361,18 @@ class _Stripper:
 
 
 def _input_spec(tensor: Any, batch_size: int | None) -> tuple[int | None, ...]:
+    """The input's shape; every dimension but the batch must be known, even with a free batch.
+
+    Hardware flows need static shapes, and verification needs sample inputs.
+    """
     shape = tuple(tensor.shape[1:])
-    if batch_size is not None and None in shape:
-        raise UnsupportedLayerError(
-            "Export needs static input shapes (hardware flows require them). Received: input "
-            f"{tensor.name.split(':')[0]!r} with shape {('batch', *shape)}"
+    if None in shape:
+        shown = ", ".join("None" if size is None else str(size) for size in shape)
+        raise UnsupportedShapeError(
+            "Export needs every input dimension but the batch to be known (hardware flows "
+            "need static shapes). Received: input "
+            f"{tensor.name.split(':')[0]!r} with shape (batch, {shown}); rebuild the model "
+            "on a keras.Input of fixed shape and copy the weights over"
         )
     return (batch_size, *shape)
 
@@ -372,6 +384,7 @@ def strip(
     batch_size: int | None = 1,
     folded: keras.Model | None = None,
     per_channel_scales: bool = True,
+    allow_float: bool = False,
 ) -> Stripped:
     """Turn a plain (unfolded) QKeras model into a float model with markers, and its table.
 
@@ -383,19 +396,30 @@ def strip(
             table reports (a user knows their layers as QConv2DBatchnorm, ...).
         per_channel_scales: keep per-channel power-of-two kernel scales as a
             scale tensor; False gives each kernel one scale and a wider bit width.
+        allow_float: let MAC layers with a float input or kernel through, without
+            an accumulator type (for models with no quantizer at all).
 
     Returns:
         The float model and the records annotate needs.
 
     Raises:
         UnsupportedLayerError: a layer or activation bnfold cannot export.
+        UnsupportedShapeError: an input dimension other than the batch is unknown.
         QuantizerError: a quantizer with no QONNX Quant form.
+        TypeInferenceError: a MAC layer has no accumulator type (unless ``allow_float``).
+
+    Warns:
+        RangeWarning: a folded bias beyond its quantizer's range, or an accumulator
+            wider than 32 bits.
     """
-    stripper = _Stripper(mac_types(model, source_quantizers), per_channel_scales)
+    specs = [_input_spec(tensor, batch_size) for tensor in model.inputs]
+    macs = mac_types(model, source_quantizers, strict=not allow_float)
+    warn_unrepresentable(macs)
+    stripper = _Stripper(macs, per_channel_scales)
     inputs, starts = [], []
-    for tensor, quantizer in zip(model.inputs, source_quantizers, strict=True):
+    for tensor, spec, quantizer in zip(model.inputs, specs, source_quantizers, strict=True):
         name = tensor.name.split(":")[0]
-        placeholder = keras.Input(batch_shape=_input_spec(tensor, batch_size), name=name)
+        placeholder = keras.Input(batch_shape=spec, name=name)
         inputs.append(placeholder)
         if quantizer is None:
             starts.append(placeholder)

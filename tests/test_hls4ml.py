@@ -1,0 +1,288 @@
+"""hls4ml reads bnfold's export and computes the QKeras model's outputs bit for bit.
+
+End to end, per golden model: export with one scale per kernel, ``prepare_for_hls4ml``
+(average pooling rewritten, the QONNX preprocessing hls4ml documents, the configuration),
+convert (Vitis backend, io_parallel), compile the C++ emulation with g++, predict. Each
+model is compiled once per module; resnet_tiny takes about a minute, the others 10 to
+25 s each.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+from qonnx.transformation.gemm_to_matmul import GemmToMatMul
+from qonnx.util.cleanup import cleanup_model
+
+import bnfold
+import builders
+from bnfold.errors import ExportError
+from bnfold.export.__main__ import main
+from bnfold.export.verify import sample_inputs
+from bnfold.fixedpoint import FixedPoint
+from bnfold.hls4ml import hls4ml_config, prepare_for_hls4ml
+from bnfold.keras import keras
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+# An MLP, a conv net with skip connections, a depthwise-separable net, two inputs and outputs.
+HLS4ML_MODELS = ("jet_tagging_mlp", "resnet_tiny", "kws_dscnn", "two_in_two_out")
+# hls4ml layer classes made from the ONNX Conv and MatMul nodes, named "<class>_<node>".
+MAC_LAYERS = ("Conv2D", "PointwiseConv2D", "DepthwiseConv2D", "Dense")
+
+
+def golden(name: str) -> tuple[keras.Model, list[str], list[np.ndarray]]:
+    """A golden model, populated as the exporter populates it, with inputs to compare on.
+
+    The inputs are the recorded ones plus the two extremes of each input type.
+    """
+    sources = json.loads((GOLDEN / f"{name}.json").read_text())["source_quantizers"]
+    model = bnfold.load_model(GOLDEN / f"{name}.h5")
+    bnfold.populate_bias_quantizer_from_accumulator(model, sources)
+    recorded = np.load(GOLDEN / f"{name}.npz")
+    extremes = sample_inputs(model, [FixedPoint.from_quantizer(q) for q in sources], 2)
+    inputs = [
+        np.concatenate([recorded[f"input/{input_name}"], extreme]).astype(np.float32)
+        for input_name, extreme in zip(model.input_names, extremes, strict=True)
+    ]
+    return model, sources, inputs
+
+
+def _outputs(values) -> list[np.ndarray]:
+    return values if isinstance(values, list) else [values]
+
+
+@pytest.fixture(scope="module", params=HLS4ML_MODELS)
+def compiled(request, tmp_path_factory):
+    """One golden model through hls4ml, compiled once."""
+    import hls4ml
+
+    name = request.param
+    model, sources, inputs = golden(name)
+    onnx_model = bnfold.export_onnx(
+        model, source_quantizers=sources, per_channel_scales=False, verify=False
+    )
+    cleaned, config = prepare_for_hls4ml(onnx_model)
+    hls_model = hls4ml.converters.convert_from_onnx_model(
+        cleaned,
+        output_dir=str(tmp_path_factory.mktemp(name) / "hls4ml_prj"),
+        backend="Vitis",
+        io_type="io_parallel",
+        hls_config=copy.deepcopy(config),  # hls4ml adds the names of the layers it makes
+    )
+    hls_model.compile()
+    return SimpleNamespace(
+        name=name,
+        onnx_model=onnx_model,
+        cleaned=cleaned,
+        config=config,
+        hls_model=hls_model,
+        inputs=inputs,
+        expected=_outputs(model.predict(inputs, verbose=0)),
+    )
+
+
+@pytest.mark.slow
+def test_hls4ml_predicts_the_qkeras_outputs_bit_for_bit(compiled):
+    inputs = [np.ascontiguousarray(x) for x in compiled.inputs]
+    predicted = _outputs(compiled.hls_model.predict(inputs[0] if len(inputs) == 1 else inputs))
+    for values, expected in zip(predicted, compiled.expected, strict=True):
+        np.testing.assert_array_equal(np.reshape(values, expected.shape), expected)
+
+
+@pytest.mark.slow
+def test_the_graph_hls4ml_reads_computes_the_qkeras_outputs(compiled):
+    """The pooling rewrite and the preprocessing change no value (qonnx's executor)."""
+    cleaned = compiled.cleaned
+    for index in range(len(compiled.inputs[0])):
+        feed = {
+            tensor.name: x[index : index + 1]
+            for tensor, x in zip(cleaned.graph.input, compiled.inputs, strict=True)
+        }
+        results = execute_onnx(cleaned, feed)
+        for tensor, expected in zip(cleaned.graph.output, compiled.expected, strict=True):
+            np.testing.assert_array_equal(results[tensor.name], expected[index : index + 1])
+
+
+@pytest.mark.slow
+def test_config_types_are_the_types_hls4ml_uses(compiled):
+    """Keyed by the right names, every configured type reaches hls4ml's layers unchanged."""
+    hls_model = compiled.hls_model
+    layers = compiled.config["LayerName"]
+    convert = hls_model.config.backend.convert_precision_string
+    for variable in hls_model.get_input_variables():
+        expected = layers[variable.name]["Precision"]["result"]
+        assert expected.startswith(("fixed<", "ufixed<"))
+        assert variable.type.precision == convert(expected)
+    checked = 0
+    for layer in hls_model.get_layers():
+        if layer.class_name not in MAC_LAYERS:
+            continue
+        precision = layers[layer.name.split("_", 1)[1]]["Precision"]
+        assert layer.get_attr("accum_t").precision == convert(precision["accum"]), layer.name
+        assert layer.weights["weight"].type.precision == convert(precision["weight"]), layer.name
+        if "bias" in precision:
+            assert layer.weights["bias"].type.precision == convert(precision["bias"]), layer.name
+        if precision["result"] != "auto":
+            assert layer.get_output_variable().type.precision == convert(precision["result"])
+        checked += 1
+    assert checked == sum(
+        node.op_type in ("Conv", "MatMul") for node in compiled.cleaned.graph.node
+    )
+
+
+@pytest.mark.slow
+def test_config_accumulators_are_the_exported_accumulators(compiled):
+    """Every MAC node's accum is bnfold.accumulator_hls; weights and biases are Quant types."""
+    layers = compiled.config["LayerName"]
+    for node in compiled.cleaned.graph.node:
+        if node.op_type not in ("Conv", "MatMul"):
+            continue
+        metadata = {entry.key: entry.value for entry in node.metadata_props}
+        precision = layers[node.name]["Precision"]
+        accumulator = FixedPoint.from_hls(metadata["bnfold.accumulator_hls"])
+        assert precision["accum"] == accumulator.hls4ml_precision()
+        assert precision["weight"].endswith((",RND_CONV,SAT>", ",RND_CONV,SAT_SYM>"))
+        assert (precision["result"] == "auto") == (node.op_type == "MatMul")
+
+
+@pytest.mark.slow
+def test_config_keys_are_the_layer_names_hls4ml_gives(compiled):
+    import hls4ml
+
+    ours = set(compiled.config["LayerName"])
+    theirs = hls4ml.utils.config.config_from_onnx_model(
+        compiled.cleaned, granularity="name", backend="Vitis"
+    )["LayerName"]
+    # hls4ml also lists the constant inputs of Quant and Reshape nodes, which take no config.
+    assert ours == {name for name in theirs if not re.search(r"_param\d+$", name)}
+    names = {tensor.name for tensor in compiled.cleaned.graph.input}
+    assert ours == names | {node.name for node in compiled.cleaned.graph.node}
+
+
+# ------------------------------------------------------------- without compiling
+
+
+@pytest.fixture(scope="module")
+def jet_export():
+    model, sources, _ = golden("jet_tagging_mlp")
+    return bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
+
+
+def test_names_equal_those_of_the_documented_preprocessing(jet_export):
+    """Without average pooling, prepare_for_hls4ml is exactly the documented preprocessing."""
+    documented = cleanup_model(ModelWrapper(jet_export))
+    documented = documented.transform(ConvertToChannelsLastAndClean()).transform(GemmToMatMul())
+    documented = cleanup_model(documented)
+    cleaned, _ = prepare_for_hls4ml(jet_export)
+    assert [(n.op_type, n.name) for n in cleaned.graph.node] == [
+        (n.op_type, n.name) for n in documented.graph.node
+    ]
+
+
+def test_config_from_a_file_a_proto_and_a_wrapper_alike_and_nothing_changed(jet_export, tmp_path):
+    path = tmp_path / "jet.onnx"
+    onnx.save(jet_export, path)
+    before = jet_export.SerializeToString()
+    config = bnfold.hls4ml_config(jet_export)
+    assert bnfold.hls4ml_config is hls4ml_config
+    assert jet_export.SerializeToString() == before
+    assert hls4ml_config(path) == config
+    assert hls4ml_config(ModelWrapper(jet_export)) == config
+    assert prepare_for_hls4ml(jet_export)[1] == config
+    assert json.loads(json.dumps(config)) == config
+    assert config["Model"]["Precision"]["default"].startswith("fixed<")
+    assert hls4ml_config(jet_export, default_precision="fixed<32,16>")["Model"]["Precision"] == {
+        "default": "fixed<32,16>"
+    }
+
+
+def test_per_channel_scales_are_refused_with_the_export_option_to_use(folded_models):
+    model = folded_models["sequential_conv"]
+    onnx_model = bnfold.export_onnx(
+        model, source_quantizers=[builders.INPUT_QUANTIZER], verify=False
+    )
+    wrapper = ModelWrapper(onnx_model)
+    scales = [
+        wrapper.get_initializer(node.input[1])
+        for node in onnx_model.graph.node
+        if node.op_type == "Quant" and wrapper.get_initializer(node.input[0]) is not None
+    ]
+    assert any(np.unique(scale).size > 1 for scale in scales)
+    with pytest.raises(ExportError, match=r"per_channel_scales=False \(--no-per-channel-scales\)"):
+        prepare_for_hls4ml(onnx_model)
+
+
+@pytest.mark.filterwarnings("ignore:Could not absorb transpose->flatten")
+def test_average_pooling_and_squeeze_become_ops_hls4ml_reads():
+    """Global and windowed averages become depthwise Conv with 1/n weights, exactly."""
+    model = builders.zoo()
+    sources = [builders.INPUT_QUANTIZER]
+    onnx_model = bnfold.export_onnx(
+        model, source_quantizers=sources, per_channel_scales=False, verify=False
+    )
+    assert {"AveragePool", "GlobalAveragePool", "Squeeze"} <= {
+        node.op_type for node in onnx_model.graph.node
+    }
+    cleaned, config = prepare_for_hls4ml(onnx_model)
+    assert not {"AveragePool", "GlobalAveragePool", "Squeeze"} & {
+        node.op_type for node in cleaned.graph.node
+    }
+    averages = [
+        node
+        for node in cleaned.graph.node
+        if node.op_type == "Conv"
+        and any(e.value in ("avg", "gap") for e in node.metadata_props if e.key == "bnfold.layer")
+    ]
+    assert len(averages) == 2
+    for node in averages:
+        assert config["LayerName"][node.name]["Precision"]["weight"].startswith("ufixed<1,")
+    bnfold.populate_bias_quantizer_from_accumulator(model, sources)
+    inputs = sample_inputs(model, [FixedPoint.from_quantizer(builders.INPUT_QUANTIZER)], 4)[0]
+    expected = model.predict(inputs, verbose=0)
+    for index in range(len(inputs)):
+        feed = {cleaned.graph.input[0].name: inputs[index : index + 1]}
+        result = execute_onnx(cleaned, feed)[cleaned.graph.output[0].name]
+        np.testing.assert_array_equal(result, expected[index : index + 1])
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+@pytest.mark.parametrize("suffix", [".yml", ".json"])
+def test_cli_writes_the_config_of_the_onnx_it_writes(folded_models, tmp_path, capsys, suffix):
+    """--hls4ml-config implies one scale per kernel, so per-channel kernels still work."""
+    model_file = tmp_path / "conv.h5"
+    folded_models["sequential_conv"].save(model_file)
+    output, config_file = tmp_path / "conv.onnx", tmp_path / f"conv_hls4ml{suffix}"
+    code = main(
+        [
+            str(model_file),
+            "-o",
+            str(output),
+            "--input-quantizer",
+            builders.INPUT_QUANTIZER,
+            "--no-verify",
+            "--hls4ml-config",
+            str(config_file),
+        ]
+    )
+    assert code == 0
+    assert f"wrote {config_file}" in capsys.readouterr().out
+    text = config_file.read_text()
+    written = yaml.safe_load(text) if suffix == ".yml" else json.loads(text)
+    assert written == hls4ml_config(output)
+    assert text.lstrip().startswith("{") == (suffix == ".json")
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        ["conv.h5", "conv.onnx", config_file.name]
+    )
