@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# The golden files' records are shared with scripts/make_golden.py.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import builders
 

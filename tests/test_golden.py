@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
-sys.path.append(str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import golden_records
 import make_golden

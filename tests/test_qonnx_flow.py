@@ -9,7 +9,6 @@ power-of-two kernel scales where QKeras has them).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,17 +22,8 @@ from qonnx.util.cleanup import cleanup_model
 
 import bnfold
 from bnfold.fixedpoint import FixedPoint
+from golden_records import GOLDEN, MODEL_NAMES
 
-GOLDEN = Path(__file__).resolve().parent.parent / "golden"
-GOLDEN_MODELS = (
-    "jet_tagging_mlp",
-    "resnet_tiny",
-    "kws_dscnn",
-    "dense_autoencoder",
-    "two_in_two_out",
-    "nested_blocks",
-    "po2_no_bias",
-)
 SAMPLES = 4
 
 
@@ -50,7 +40,7 @@ def _is_weight_quant(model: ModelWrapper, node) -> bool:
     return node.op_type == "Quant" and model.get_initializer(node.input[0]) is not None
 
 
-@pytest.fixture(scope="module", params=GOLDEN_MODELS)
+@pytest.fixture(scope="module", params=MODEL_NAMES)
 def cleaned(request):
     """A golden model exported as FINN reads it and cleaned by qonnx, with QKeras's outputs."""
     name = request.param

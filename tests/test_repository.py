@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bnfold.folding import FOLDED_LAYER_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +30,10 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
-def test_ruff_is_clean():
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_is_clean(command):
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "src", "tests", "scripts"],
+        [sys.executable, "-m", "ruff", *command, "src", "tests", "scripts"],
         cwd=ROOT,
         capture_output=True,
         text=True,
