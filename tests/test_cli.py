@@ -38,3 +38,10 @@ def test_help_does_not_import_tensorflow():
         "assert 'tensorflow' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_unfold_command_refuses_an_unwritable_output_before_loading(tmp_path, capsys):
+    output = tmp_path / "missing" / "out.h5"
+    assert main(["unfold", str(tmp_path / "whatever.h5"), "-o", str(output)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "missing" in error

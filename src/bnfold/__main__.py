@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bnfold.cli import import_tensorflow_quietly
+from bnfold.cli import import_tensorflow_quietly, report_failure, warnings_as_lines
 
 
 def _describe(model, unfolded) -> list[str]:
@@ -32,21 +32,21 @@ def _describe(model, unfolded) -> list[str]:
 
 def _unfold(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
-    from bnfold.errors import BnfoldError
-    from bnfold.files import atomic_output
+    from bnfold.files import atomic_output, check_output_path
     from bnfold.loading import load_model
     from bnfold.unfold import unfold_model
 
     model_path = Path(args.model)
     output = Path(args.output or model_path.with_name(f"{model_path.stem}_unfolded.h5"))
     try:
-        model = load_model(model_path)
-        unfolded = unfold_model(model)
-        with atomic_output(output) as temporary:
-            unfolded.save(temporary, save_format="keras" if output.suffix == ".keras" else "h5")
-    except (BnfoldError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        with warnings_as_lines():
+            check_output_path(output, source=model_path)
+            model = load_model(model_path)
+            unfolded = unfold_model(model)
+            with atomic_output(output) as temporary:
+                unfolded.save(temporary, save_format="keras" if output.suffix == ".keras" else "h5")
+    except Exception as error:  # every failure ends as one line (see report_failure)
+        return report_failure(error, model=model_path)
     for line in _describe(model, unfolded) or ["no folded layer found"]:
         print(line)
     print(f"wrote {output}")
