@@ -177,10 +177,12 @@ def test_populated_quantizers_reach_predict_and_unfold():
 @pytest.mark.parametrize("name", ["multi_io", "nested"])
 def test_populate_works_on_nested_and_multi_input_models(name):
     model = builders.BUILDERS[name]()
+    folded = [layer for layer in builders.all_layers(model) if folded_layer_type(layer)]
+    empty = {layer.name for layer in folded if layer.bias_quantizer_internal is None}
+    assert empty, "the test model must have empty bias quantizers to fill"
     populate_bias_quantizer_from_accumulator(model, None)
-    for layer in builders.all_layers(model):
-        if folded_layer_type(layer) is not None:
-            assert layer.bias_quantizer_internal is not None, layer.name
+    for layer in folded:
+        assert layer.bias_quantizer_internal is not None, layer.name
     nested_paths = [path for path in accumulator_types(model) if "/" in path]
     assert (name == "nested") == bool(nested_paths)
 
