@@ -39,6 +39,7 @@ from onnx import helper, numpy_helper
 
 import bnfold
 from bnfold.accumulator import mac_types
+from bnfold.export.verify import qonnx_outputs
 from bnfold.folding import folded_layer_type
 from bnfold.graph import iter_layers
 from bnfold.keras import keras
@@ -210,19 +211,9 @@ def onnx_outputs(
     onnx_model: onnx.ModelProto, inputs: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """QONNX execution (Quant nodes included) of the exported model, one sample at a time."""
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
-
-    wrapper = ModelWrapper(onnx_model)
+    ordered = [inputs[tensor.name] for tensor in onnx_model.graph.input]
     names = [tensor.name for tensor in onnx_model.graph.output]
-    samples = len(next(iter(inputs.values())))
-    results: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for index in range(samples):
-        feed = {name: values[index : index + 1] for name, values in inputs.items()}
-        executed = execute_onnx(wrapper, feed)
-        for name in names:
-            results[name].append(executed[name])
-    return {name: np.concatenate(values) for name, values in results.items()}
+    return dict(zip(names, qonnx_outputs(onnx_model, ordered), strict=True))
 
 
 def arrays(loaded: Loaded, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

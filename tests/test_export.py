@@ -6,13 +6,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from qonnx.core.modelwrapper import ModelWrapper
-from qonnx.core.onnx_exec import execute_onnx
 
 import bnfold
 import builders
 from bnfold.errors import QuantizerError, UnsupportedLayerError
-from bnfold.export.verify import sample_inputs
+from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.keras import keras, qkeras, quantizers
 
@@ -49,15 +47,8 @@ def test_qonnx_execution_equals_qkeras_bit_for_bit(exported, name):
     inputs = sample_inputs(model, types, count=6, seed=123)
     expected = model.predict(inputs, verbose=0)
     expected = expected if isinstance(expected, list) else [expected]
-    wrapper = ModelWrapper(onnx_model)
-    for index in range(6):
-        feed = {
-            tensor.name: x[index : index + 1]
-            for tensor, x in zip(onnx_model.graph.input, inputs, strict=True)
-        }
-        results = execute_onnx(wrapper, feed)
-        for output, reference in zip(onnx_model.graph.output, expected, strict=True):
-            np.testing.assert_array_equal(results[output.name], reference[index : index + 1])
+    for result, reference in zip(qonnx_outputs(onnx_model, inputs), expected, strict=True):
+        np.testing.assert_array_equal(result, reference)
 
 
 @pytest.mark.parametrize("name", NAMES)

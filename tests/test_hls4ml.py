@@ -20,7 +20,6 @@ import onnx
 import pytest
 import yaml
 from qonnx.core.modelwrapper import ModelWrapper
-from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
 from qonnx.transformation.gemm_to_matmul import GemmToMatMul
 from qonnx.util.cleanup import cleanup_model
@@ -29,7 +28,7 @@ import bnfold
 import builders
 from bnfold.errors import ExportError
 from bnfold.export.__main__ import main
-from bnfold.export.verify import sample_inputs
+from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.hls4ml import hls4ml_config, prepare_for_hls4ml
 from bnfold.keras import keras
@@ -103,15 +102,9 @@ def test_hls4ml_predicts_the_qkeras_outputs_bit_for_bit(compiled):
 @pytest.mark.slow
 def test_the_graph_hls4ml_reads_computes_the_qkeras_outputs(compiled):
     """The pooling rewrite and the preprocessing change no value (qonnx's executor)."""
-    cleaned = compiled.cleaned
-    for index in range(len(compiled.inputs[0])):
-        feed = {
-            tensor.name: x[index : index + 1]
-            for tensor, x in zip(cleaned.graph.input, compiled.inputs, strict=True)
-        }
-        results = execute_onnx(cleaned, feed)
-        for tensor, expected in zip(cleaned.graph.output, compiled.expected, strict=True):
-            np.testing.assert_array_equal(results[tensor.name], expected[index : index + 1])
+    results = qonnx_outputs(compiled.cleaned, compiled.inputs)
+    for result, expected in zip(results, compiled.expected, strict=True):
+        np.testing.assert_array_equal(result, expected)
 
 
 @pytest.mark.slow
@@ -250,10 +243,7 @@ def test_average_pooling_and_squeeze_become_ops_hls4ml_reads():
     bnfold.populate_bias_quantizer_from_accumulator(model, sources)
     inputs = sample_inputs(model, [FixedPoint.from_quantizer(builders.INPUT_QUANTIZER)], 4)[0]
     expected = model.predict(inputs, verbose=0)
-    for index in range(len(inputs)):
-        feed = {cleaned.graph.input[0].name: inputs[index : index + 1]}
-        result = execute_onnx(cleaned, feed)[cleaned.graph.output[0].name]
-        np.testing.assert_array_equal(result, expected[index : index + 1])
+    np.testing.assert_array_equal(qonnx_outputs(cleaned, [inputs])[0], expected)
 
 
 # ------------------------------------------------------------------------------ CLI

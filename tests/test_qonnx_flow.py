@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
-from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.extract_quant_scale_zeropt import ExtractQuantScaleZeroPt
 from qonnx.transformation.fold_constants import FoldConstantsFiltered
 from qonnx.transformation.infer_datatypes import InferDataTypes
 from qonnx.util.cleanup import cleanup_model
 
 import bnfold
+from bnfold.export.verify import qonnx_outputs
 from bnfold.fixedpoint import FixedPoint
 from golden_records import GOLDEN, MODEL_NAMES
 
@@ -111,11 +111,5 @@ def test_weight_quants_fold_into_integer_initializers(cleaned):
         assert codes is not None and np.array_equal(codes, np.round(codes)), node.name
         datatype = DataType[kinds[node.input[1]].qonnx_datatype()]
         assert datatype.allowed(codes).all(), node.name
-    for index in range(SAMPLES):
-        feed = {
-            tensor.name: x[index : index + 1]
-            for tensor, x in zip(folded.graph.input, inputs, strict=True)
-        }
-        results = execute_onnx(folded, feed)
-        for tensor, reference in zip(folded.graph.output, expected, strict=True):
-            np.testing.assert_array_equal(results[tensor.name], reference[index : index + 1])
+    for result, reference in zip(qonnx_outputs(folded, inputs), expected, strict=True):
+        np.testing.assert_array_equal(result, reference)

@@ -10,7 +10,9 @@ order of additions matters: it gets a small tolerance).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -70,6 +72,37 @@ def _with_batch_of_one(onnx_model: onnx.ModelProto) -> onnx.ModelProto:
     return ModelWrapper(static).transform(InferShapes()).model
 
 
+def qonnx_outputs(model: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """QONNX execution (Quant nodes included) of ``model``, one sample at a time.
+
+    qonnx's executor checks inputs against the graph's static shapes, whose batch
+    is 1 in an exported file, so samples run one by one and are stacked again.
+
+    Args:
+        model: an ``onnx.ModelProto`` or qonnx ``ModelWrapper`` with static shapes.
+        inputs: one array per graph input, samples along the first axis.
+
+    Returns:
+        One array per graph output, samples along the first axis.
+    """
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    wrapper = model if isinstance(model, ModelWrapper) else ModelWrapper(model)
+    input_names = [tensor.name for tensor in wrapper.graph.input]
+    output_names = [tensor.name for tensor in wrapper.graph.output]
+    results: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+    for index in range(len(inputs[0])):
+        feed = {
+            name: values[index : index + 1]
+            for name, values in zip(input_names, inputs, strict=True)
+        }
+        executed = execute_onnx(wrapper, feed)
+        for name in output_names:
+            results[name].append(executed[name])
+    return [np.concatenate(results[name]) for name in output_names]
+
+
 def verify(
     model: keras.Model,
     onnx_model: onnx.ModelProto,
@@ -94,29 +127,19 @@ def verify(
 
     On success the result is recorded in ``onnx_model``'s ``bnfold.verification``.
     """
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
-
     # A direct call, not predict: predict first traces the whole model into a graph,
     # which costs more than the comparison itself on large models.
     expected = model(inputs if len(inputs) > 1 else inputs[0], training=False)
     expected = [np.asarray(values) for values in tf.nest.flatten(expected)]
     limit = tolerance * max([1.0, *(float(np.max(np.abs(values))) for values in expected)])
-    wrapper = ModelWrapper(_with_batch_of_one(onnx_model))
-    input_names = [tensor.name for tensor in onnx_model.graph.input]
+    actual = qonnx_outputs(_with_batch_of_one(onnx_model), inputs)
     output_names = [tensor.name for tensor in onnx_model.graph.output]
     worst, worst_output = 0.0, output_names[0]
     samples = len(inputs[0])
-    for index in range(samples):
-        feed = {
-            name: values[index : index + 1]
-            for name, values in zip(input_names, inputs, strict=True)
-        }
-        results = execute_onnx(wrapper, feed)
-        for name, reference in zip(output_names, expected, strict=True):
-            difference = float(np.max(np.abs(results[name] - reference[index : index + 1])))
-            if difference > worst or np.isnan(difference):
-                worst, worst_output = difference, name
+    for name, result, reference in zip(output_names, actual, expected, strict=True):
+        difference = float(np.max(np.abs(result - reference)))
+        if difference > worst or np.isnan(difference):
+            worst, worst_output = difference, name
     if worst > limit or np.isnan(worst):
         within = f"within {limit:g}" if limit else "exactly"
         raise VerificationError(
