@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
 
 import bnfold
 import builders
@@ -52,6 +54,26 @@ def test_qonnx_execution_equals_qkeras_bit_for_bit(exported, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_all_samples_at_once_equal_qonnx_sample_by_sample(exported, name):
+    """qonnx_outputs runs a copy batched to the sample count; plain execute_onnx runs the file."""
+    model, onnx_model = exported[name]
+    types = [FixedPoint.from_quantizer(builders.INPUT_QUANTIZER)] * len(model.inputs)
+    inputs = sample_inputs(model, types, count=3, seed=7)
+    wrapper = ModelWrapper(onnx_model)
+    names = [tensor.name for tensor in onnx_model.graph.input]
+    runs = [
+        execute_onnx(
+            wrapper, {n: values[s : s + 1] for n, values in zip(names, inputs, strict=True)}
+        )
+        for s in range(3)
+    ]
+    for output, result in zip(
+        onnx_model.graph.output, qonnx_outputs(onnx_model, inputs), strict=True
+    ):
+        np.testing.assert_array_equal(result, np.concatenate([run[output.name] for run in runs]))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_model_passes_full_check_and_uses_standard_forms(exported, name):
     _, onnx_model = exported[name]
     onnx.checker.check_model(onnx_model, full_check=True)
@@ -68,6 +90,8 @@ def test_model_passes_full_check_and_uses_standard_forms(exported, name):
             assert {"signed", "narrow", "rounding_mode"} <= attributes
     for tensor in onnx_model.graph.input:
         assert tensor.type.tensor_type.shape.dim[0].dim_value == 1
+    unfixed = ModelWrapper(onnx_model, fix_missing_initializer_valueinfo=False)
+    assert unfixed.check_all_tensor_shapes_specified()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
 
 from bnfold.errors import VerificationError
 from bnfold.fixedpoint import FixedPoint
@@ -50,57 +53,100 @@ def sample_inputs(
     return samples
 
 
-def _with_batch_of_one(onnx_model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with a static batch of 1: qonnx's executor checks inputs against static shapes."""
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.transformation.infer_shapes import InferShapes
+class _IndexedModel(ModelWrapper):
+    """qonnx's ModelWrapper with its per-tensor and per-node lookups indexed.
 
-    dynamic = [
-        value
-        for value in (*onnx_model.graph.input, *onnx_model.graph.output)
-        if not value.type.tensor_type.shape.dim[0].dim_value
-    ]
-    if not dynamic:
-        return onnx_model
-    static = onnx.ModelProto()
-    static.CopyFrom(onnx_model)
-    for value in (*static.graph.input, *static.graph.output):
-        batch = value.type.tensor_type.shape.dim[0]
-        if not batch.dim_value:
-            batch.dim_value = 1
-    del static.graph.value_info[:]
-    return ModelWrapper(static).transform(InferShapes()).model
+    qonnx finds a tensor's shape or value info, and a node's index, by scanning
+    the whole graph, and ``execute_onnx`` looks up every tensor and node: the
+    time grows with the square of the model's size (minutes at a few hundred
+    layers). The executed graph never changes, so the indexes hold for the run.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self._values = {
+            value.name: value for value in (*graph.value_info, *graph.output, *graph.input)
+        }
+        # The node objects are kept alive, so that protobuf hands out the same ones.
+        self._nodes = list(graph.node)
+        self._node_indices = {id(node): index for index, node in enumerate(self._nodes)}
+        self._consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self._nodes:
+            for name in node.input:
+                self._consumers.setdefault(name, []).append(node)
+        super().__init__(model, fix_missing_initializer_valueinfo=False)
+
+    def get_tensor_valueinfo(self, tensor_name: str) -> onnx.ValueInfoProto | None:
+        return self._values.get(tensor_name)
+
+    def get_tensor_shape(
+        self, tensor_name: str, fix_missing_init_shape: bool = False
+    ) -> list[int] | None:
+        value = self._values.get(tensor_name)
+        if value is None:
+            return super().get_tensor_shape(tensor_name, fix_missing_init_shape)
+        return [dim.dim_value for dim in value.type.tensor_type.shape.dim]
+
+    def get_node_index(self, node: onnx.NodeProto) -> int | None:
+        return self._node_indices.get(id(node))
+
+    def find_consumers(self, tensor_name: str) -> list[onnx.NodeProto] | None:
+        return self._consumers.get(tensor_name)
+
+
+def _batch_carrying(graph: onnx.GraphProto) -> set[str]:
+    """The tensors computed from the graph inputs: their first axis is the batch."""
+    carrying = {tensor.name for tensor in graph.input}
+    for node in graph.node:
+        if any(name in carrying for name in node.input):
+            carrying.update(node.output)
+    return carrying
+
+
+def _with_batch(onnx_model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy of ``onnx_model`` that computes ``batch`` samples at once.
+
+    qonnx's executor runs each node as its own onnxruntime session; one run over
+    all samples instead of one per sample divides that cost by the sample count.
+    Every tensor computed from the inputs has the batch as its first axis (Keras
+    tensors do, and tf2onnx keeps it first), so the copy changes that axis, and
+    the leading entry of each Reshape's target shape, where it is a fixed size.
+    """
+    batched = onnx.ModelProto()
+    batched.CopyFrom(onnx_model)
+    graph = batched.graph
+    carrying = _batch_carrying(graph)
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.name in carrying and value.type.tensor_type.shape.dim:
+            value.type.tensor_type.shape.dim[0].dim_value = batch
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:
+        target = initializers.get(node.input[1]) if node.op_type == "Reshape" else None
+        if target is None or node.input[0] not in carrying:
+            continue
+        shape = numpy_helper.to_array(target).copy()
+        if shape.size and shape[0] > 0:
+            shape[0] = batch
+            target.CopyFrom(numpy_helper.from_array(shape, target.name))
+    return batched
 
 
 def qonnx_outputs(model: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """QONNX execution (Quant nodes included) of ``model``, one sample at a time.
-
-    qonnx's executor checks inputs against the graph's static shapes, whose batch
-    is 1 in an exported file, so samples run one by one and are stacked again.
+    """QONNX execution (Quant nodes included) of ``model`` on all samples in one run.
 
     Args:
-        model: an ``onnx.ModelProto`` or qonnx ``ModelWrapper`` with static shapes.
+        model: an ``onnx.ModelProto`` or qonnx ``ModelWrapper`` with static shapes
+            (any batch size, or a dynamic batch).
         inputs: one array per graph input, samples along the first axis.
 
     Returns:
         One array per graph output, samples along the first axis.
     """
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
-
-    wrapper = model if isinstance(model, ModelWrapper) else ModelWrapper(model)
-    input_names = [tensor.name for tensor in wrapper.graph.input]
-    output_names = [tensor.name for tensor in wrapper.graph.output]
-    results: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-    for index in range(len(inputs[0])):
-        feed = {
-            name: values[index : index + 1]
-            for name, values in zip(input_names, inputs, strict=True)
-        }
-        executed = execute_onnx(wrapper, feed)
-        for name in output_names:
-            results[name].append(executed[name])
-    return [np.concatenate(results[name]) for name in output_names]
+    proto = model.model if isinstance(model, ModelWrapper) else model
+    batched = _IndexedModel(_with_batch(proto, len(inputs[0])))
+    feed = {tensor.name: values for tensor, values in zip(batched.graph.input, inputs, strict=True)}
+    executed = execute_onnx(batched, feed)
+    return [executed[tensor.name] for tensor in batched.graph.output]
 
 
 def verify(
@@ -114,7 +160,7 @@ def verify(
 
     Args:
         model: the QKeras model whose outputs are the reference.
-        onnx_model: the exported model (its batch may be 1: samples run one by one).
+        onnx_model: the exported model (any batch size: all samples run at once).
         inputs: one array per model input, samples along the first axis.
         tolerance: the largest difference allowed, relative to the largest output
             magnitude (at least 1); 0 for quantized models.
@@ -132,11 +178,16 @@ def verify(
     expected = model(inputs if len(inputs) > 1 else inputs[0], training=False)
     expected = [np.asarray(values) for values in tf.nest.flatten(expected)]
     limit = tolerance * max([1.0, *(float(np.max(np.abs(values))) for values in expected)])
-    actual = qonnx_outputs(_with_batch_of_one(onnx_model), inputs)
+    actual = qonnx_outputs(onnx_model, inputs)
     output_names = [tensor.name for tensor in onnx_model.graph.output]
     worst, worst_output = 0.0, output_names[0]
     samples = len(inputs[0])
     for name, result, reference in zip(output_names, actual, expected, strict=True):
+        if result.shape != reference.shape:
+            raise VerificationError(
+                f"The exported ONNX must give QKeras's output shapes. Received: {result.shape} "
+                f"on output {name!r} where QKeras gives {reference.shape}"
+            )
         difference = float(np.max(np.abs(result - reference)))
         if difference > worst or np.isnan(difference):
             worst, worst_output = difference, name
