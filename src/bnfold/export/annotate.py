@@ -124,6 +124,10 @@ class _Annotator:
         records = sorted(self.stripped.weights, key=lambda record: record.first_marker)
         starts = np.array([record.first_marker for record in records])
         placed: dict[int, int] = defaultdict(int)
+        consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.input:
+                consumers[name].append(node)
         for tensor in list(self.graph.initializer):
             if tensor.data_type != onnx.TensorProto.FLOAT:
                 continue
@@ -144,7 +148,9 @@ class _Annotator:
                     f"The {record.role} of layer {record.path!r} reached ONNX altered "
                     f"(initializer {tensor.name!r} holds part of it)"
                 )
-            self._place_weight(tensor, record, offsets.reshape(values.shape))
+            self._place_weight(
+                tensor, record, offsets.reshape(values.shape), consumers[tensor.name]
+            )
             placed[slot] += 1
         lost = [
             f"{records[i].role} of {records[i].path!r}"
@@ -158,11 +164,14 @@ class _Annotator:
             )
 
     def _place_weight(
-        self, tensor: onnx.TensorProto, record: WeightRecord, offsets: np.ndarray
+        self,
+        tensor: onnx.TensorProto,
+        record: WeightRecord,
+        offsets: np.ndarray,
+        consumers: list[onnx.NodeProto],
     ) -> None:
         values = record.values.reshape(-1)[offsets].astype(np.float32)
         tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
-        consumers = [node for node in self.graph.node if tensor.name in node.input]
         for node in consumers:
             if record.role == "kernel" and node.op_type in _MAC_OPS:
                 self.mac_nodes[node.name] = record.path
@@ -353,13 +362,50 @@ class _Annotator:
             self.graph.quantization_annotation.append(annotation)
 
     def finish(self) -> None:
+        """Add the new initializers, and each weight's Quant node just before its first consumer.
+
+        tf2onnx's graph is in topological order, and a weight Quant reads only
+        initializers, so the graph stays in order.
+        """
         self.graph.initializer.extend(self.new_initializers)
-        self.graph.node.extend(self.new_nodes)
+        quants = {node.output[0]: node for node in self.new_nodes}
+        nodes = []
+        for node in self.graph.node:
+            nodes.extend(quants.pop(name) for name in node.input if name in quants)
+            nodes.append(node)
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
         used = {name for node in self.graph.node for name in node.input}
         live = [tensor for tensor in self.graph.initializer if tensor.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(live)
         self.model.opset_import.append(helper.make_opsetid(QONNX_DOMAIN, QONNX_OPSET))
+
+
+def _infer_shapes(model: onnx.ModelProto) -> None:
+    """Give every tensor of ``model`` its shape, as qonnx's executor and transformations expect.
+
+    ONNX's shape inference does not know Quant; it runs on a copy in which each
+    Quant is an Identity of its input, whose shape a Quant's output has.
+    (qonnx's InferShapes does the same, but its lookups make it quadratic in
+    the model's size.)
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for node in probe.graph.node:
+        if node.domain == QONNX_DOMAIN:
+            del node.input[1:], node.attribute[:]
+            node.op_type, node.domain = "Identity", ""
+    inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True).graph
+    graph = model.graph
+    outputs = {value.name for value in graph.output}
+    computed = {name for node in graph.node for name in node.output} - outputs
+    del graph.value_info[:]
+    graph.value_info.extend(value for value in inferred.value_info if value.name in computed)
+    graph.value_info.extend(
+        helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+        for tensor in graph.initializer
+    )
 
 
 def _check_reproduced(values: np.ndarray, record: WeightRecord, scale: np.ndarray) -> None:
@@ -385,16 +431,12 @@ def annotate(
         metadata: extra model-level ``metadata_props`` (keys without the prefix).
 
     Returns:
-        The QONNX model, sorted, shape-inferred and passing ``onnx.checker``.
+        The QONNX model, with every tensor's shape, passing ``onnx.checker``.
 
     Raises:
         ExportError: a planned Quant node found no place, or would not reproduce
             QKeras's values.
     """
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.transformation.general import SortGraph
-    from qonnx.transformation.infer_shapes import InferShapes
-
     annotator = _Annotator(model, stripped)
     annotator.weights()
     annotator.points()
@@ -411,6 +453,6 @@ def annotate(
     for key, value in summary.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = f"bnfold.{key}", value
-    model = ModelWrapper(model).transform(SortGraph()).transform(InferShapes()).model
+    _infer_shapes(model)
     onnx.checker.check_model(model, full_check=True)
     return model
