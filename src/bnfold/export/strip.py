@@ -327,7 +327,7 @@ class _Stripper:
             float_class = _FLOAT_MAC_CLASSES[type(layer).__name__]
             config = _float_config(layer, float_class) | {"name": self._scope(path)}
             float_layer = float_class(**config)
-            float_layer(tensor)  # builds it
+            float_layer.build(tensor.shape)
             markers = []
             for role, values in (("kernel", mac.weights.kernel), ("bias", mac.weights.bias)):
                 if values is None:
