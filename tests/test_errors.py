@@ -230,8 +230,11 @@ def float_file(tmp_path_factory) -> Path:
 
 
 def test_float_model_exports_without_quant_nodes_with_a_warning(float_file):
-    with pytest.warns(FloatModelWarning, match=r"without QKeras layers.*'plain'.*plain.h5"):
+    with pytest.warns(
+        FloatModelWarning, match=r"without QKeras layers.*'plain'.*plain.h5"
+    ) as caught:
         exported = bnfold.export_onnx(float_file)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     onnx.checker.check_model(exported, full_check=True)
     assert "Quant" not in {node.op_type for node in exported.graph.node}
     for node in exported.graph.node:

@@ -79,8 +79,24 @@ def _float_model_warning(model: keras.Model, path: Path | None) -> None:
         "with no Quant nodes (unless input quantizers are given) and no accumulator types. "
         f"Received: model {model.name!r}{source} without QKeras layers",
         FloatModelWarning,
-        stacklevel=4,  # the caller of export_onnx, past its error-naming wrapper
+        stacklevel=5,  # the caller of export_onnx, past _input_quantizers and the wrapper
     )
+
+
+def _input_quantizers(
+    model: keras.Model, source_quantizers: Sequence[Any] | Any, path: Path | None
+) -> tuple[bool, list[Any]]:
+    """Whether ``model`` is quantized at all, and the source quantizer of each of its inputs.
+
+    A model without QKeras layers is exported in float, with a ``FloatModelWarning``:
+    its inputs stay float unless ``source_quantizers`` says otherwise.
+    """
+    quantized = _has_quantizers(model)
+    if not quantized:
+        _float_model_warning(model, path)
+        if source_quantizers is None:
+            source_quantizers = [None] * len(model.inputs)
+    return quantized, source_quantizers_for(model, source_quantizers)
 
 
 def _errors_name_their_stage(
@@ -178,12 +194,7 @@ def export_onnx(
 
     notify("load")
     model = copy_model(model_or_path) if source_path is None else load_model(source_path)
-    quantized = _has_quantizers(model)
-    if not quantized:
-        _float_model_warning(model, source_path)
-        if source_quantizers is None:
-            source_quantizers = [None] * len(model.inputs)
-    sources = source_quantizers_for(model, source_quantizers)
+    quantized, sources = _input_quantizers(model, source_quantizers, source_path)
     notify("populate")
     populate_bias_quantizer_from_accumulator(model, sources)
     notify("unfold")
