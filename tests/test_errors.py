@@ -111,6 +111,10 @@ def bad_inputs(tmp_path_factory, valid_file) -> dict[str, Path]:
         ),
         "nan_kernel": _set_weight(valid_file, folder / "nan.h5", "dense", "kernel", 3, np.nan),
         "inf_gamma": _set_weight(valid_file, folder / "inf.h5", "dw", "gamma", 0, np.inf),
+        "overflowing_fold": _set_weight(valid_file, folder / "huge.h5", "conv", "kernel", 3, 3e38),
+        "kernel_quantizer_overflow": _set_weight(
+            valid_file, folder / "large.h5", "dense", "kernel", 3, 1e38
+        ),
         "unknown_spatial_dims": _save(
             keras.Sequential(
                 [
@@ -139,6 +143,11 @@ EXPECTED = {
     "negative_variance": (InvalidWeightsError, r"variance must not be negative.*'conv'"),
     "nan_kernel": (InvalidWeightsError, r"must be finite.*'dense'.*kernel"),
     "inf_gamma": (InvalidWeightsError, r"must be finite.*'dw'.*gamma"),
+    "overflowing_fold": (InvalidWeightsError, r"must be finite.*'conv'.*folded kernel overflows"),
+    "kernel_quantizer_overflow": (
+        InvalidWeightsError,
+        r"quantized kernel must be finite.*'dense'.*auto_po2.*NaN or inf",
+    ),
     "unknown_spatial_dims": (
         UnsupportedShapeError,
         r"dimension but the batch to be known.*\(batch, None, None, 3\)",

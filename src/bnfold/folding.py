@@ -145,7 +145,8 @@ def folded_weights(layer: Any) -> tuple[np.ndarray, np.ndarray]:
 
     Raises:
         UnsupportedLayerError: ``layer`` is not a folded layer.
-        InvalidWeightsError: its weights hold NaN or inf, or a negative variance.
+        InvalidWeightsError: its weights hold NaN or inf, or a negative variance, or
+            folding them overflows float32.
     """
     entry = _require_folded_layer_type(layer)
     _check_foldable(layer, entry)
@@ -155,7 +156,15 @@ def folded_weights(layer: Any) -> tuple[np.ndarray, np.ndarray]:
     bias = fold_bias(
         layer.bias if layer.use_bias else 0, scale, batchnorm.moving_mean, batchnorm.beta
     )
-    return kernel.numpy(), bias.numpy()
+    kernel, bias = kernel.numpy(), bias.numpy()
+    for name, values in ((entry.kernel, kernel), ("bias", bias)):
+        if not np.all(np.isfinite(values)):
+            raise InvalidWeightsError(
+                f"Folded weights must be finite. Received: layer={layer.name!r} "
+                f"({type(layer).__name__}), whose folded {name} overflows float32 "
+                f"(batchnorm scale up to {float(np.max(np.abs(scale))):g})"
+            )
+    return kernel, bias
 
 
 def constructor_arguments(cls: type) -> set[str]:

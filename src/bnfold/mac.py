@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.errors import UnsupportedLayerError
+from bnfold.errors import InvalidWeightsError, UnsupportedLayerError
 from bnfold.fixedpoint import FixedPoint, QuantizerError
 from bnfold.folding import FOLDED_LAYER_TYPES, folded_layer_type, folded_weights
 from bnfold.keras import tf
@@ -132,14 +132,27 @@ def _traced(quantizer: Any) -> Any:
     return tf.function(apply, reduce_retracing=True, autograph=False)
 
 
-def _quantize(quantizer: Any, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Apply a QKeras quantizer; return the values and the scale it set (1 if none)."""
+def _quantize(
+    quantizer: Any, values: np.ndarray, layer: Any, role: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply a QKeras quantizer; return the values and the scale it set (1 if none).
+
+    Raises:
+        InvalidWeightsError: the quantizer turned finite values into NaN or inf
+            (QKeras's auto_po2 scale does, on values near the float32 limit).
+    """
     config = tuple(sorted((key, repr(value)) for key, value in quantizer.get_config().items()))
     key = (type(quantizer), config, repr(getattr(quantizer, "scale_axis", None)), values.ndim)
     if key not in _TRACED_QUANTIZERS:
         _TRACED_QUANTIZERS[key] = _traced(quantizer)
-    quantized, scale = _TRACED_QUANTIZERS[key](tf.constant(values))
-    return quantized.numpy(), scale.numpy()
+    quantized, scale = (result.numpy() for result in _TRACED_QUANTIZERS[key](tf.constant(values)))
+    if not np.all(np.isfinite(quantized)):
+        raise InvalidWeightsError(
+            f"A quantized {role} must be finite. Received: layer={layer.name!r} "
+            f"({type(layer).__name__}), whose quantizer {str(quantizer)!r} gives NaN or inf "
+            f"on {role} values up to {float(np.max(np.abs(values))):g} in magnitude"
+        )
+    return quantized, scale
 
 
 def _power_of_two_scale(scale: Any, layer: Any, kernel: np.ndarray) -> np.ndarray:
@@ -175,6 +188,7 @@ def quantized_weights(layer: Any) -> QuantizedWeights:
     Raises:
         UnsupportedLayerError: ``layer`` is not a MAC layer.
         QuantizerError: a quantizer has no fixed-point meaning.
+        InvalidWeightsError: a quantizer gives NaN or inf.
     """
     entry = mac_layer_type(layer)
     if entry is None:
@@ -197,14 +211,14 @@ def quantized_weights(layer: Any) -> QuantizedWeights:
         kernel_grid = FixedPoint.from_quantizer(
             kernel_quantizer, layer=layer.name, allow_scale=True
         )
-        kernel, scale = _quantize(kernel_quantizer, kernel)
+        kernel, scale = _quantize(kernel_quantizer, kernel, layer, "kernel")
         if isinstance(getattr(kernel_quantizer, "alpha", None), str):
             kernel_scale = _power_of_two_scale(scale, layer, kernel)
     bias_quantizer = getattr(layer, "bias_quantizer_internal", None)
     bias_type = None
     if bias is not None and bias_quantizer is not None:
         bias_type = FixedPoint.from_quantizer(bias_quantizer, layer=layer.name)
-        bias, _ = _quantize(bias_quantizer, bias)
+        bias, _ = _quantize(bias_quantizer, bias, layer, "bias")
     elif bias is not None and entry.kernel_quantizer is None:
         bias_type = grid_of_values(bias)
     return QuantizedWeights(
