@@ -182,6 +182,15 @@ def test_dynamic_batch(exported):
     assert dimension.dim_value == 0 and dimension.dim_param
 
 
+def test_static_batch_other_than_one_is_verified(exported):
+    """The zoo's Reshape layer spells the batch out in its ONNX target shape."""
+    model, _ = exported["zoo"]
+    onnx_model = bnfold.export_onnx(model, source_quantizers=_sources(model), batch_size=4)
+    assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+    metadata = {entry.key: entry.value for entry in onnx_model.metadata_props}
+    assert json.loads(metadata["bnfold.verification"])["max_difference"] == 0.0
+
+
 def test_model_passed_in_is_not_changed(exported):
     model = builders.unpopulated()
     bnfold.export_onnx(model, verify=False)
