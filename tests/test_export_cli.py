@@ -72,6 +72,16 @@ def test_usage_error_exits_2():
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("quantizer", ["quantized_bits(8,", "fancy_bits(8,0,1)"])
+def test_unreadable_input_quantizer_is_a_usage_error(model_file, tmp_path, capsys, quantizer):
+    output = tmp_path / "out.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_file), "-o", str(output), "--input-quantizer", quantizer])
+    assert exit_info.value.code == 2
+    assert "argument --input-quantizer:" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_answers_without_importing_tensorflow():
     code = (
         "import sys\n"

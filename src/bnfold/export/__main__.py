@@ -126,18 +126,33 @@ def _default_output(model: Path) -> Path:
     return (model.resolve() if model.name in ("", "..") else model).with_suffix(".onnx")
 
 
+def _source_quantizers(parser: argparse.ArgumentParser, texts: list[str] | None) -> Any:
+    """The --input-quantizer values (None for 'float'); one that does not parse is a usage error."""
+    from bnfold.errors import QuantizerError
+    from bnfold.fixedpoint import parse_quantizer
+
+    if not texts:
+        return None
+    for text in texts:
+        try:
+            if text.lower() != "float":
+                parse_quantizer(text)
+        except QuantizerError as error:
+            parser.error(f"argument --input-quantizer: {error}")
+    return [None if text.lower() == "float" else text for text in texts]
+
+
 @warnings_as_lines()
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     from bnfold.cli import import_tensorflow_quietly
 
     import_tensorflow_quietly(debug=args.debug)
     from bnfold.export import export_onnx
     from bnfold.files import check_output_path
 
-    sources = None
-    if args.input_quantizers:
-        sources = [None if q.lower() == "float" else q for q in args.input_quantizers]
+    sources = _source_quantizers(parser, args.input_quantizers)
     try:
         output = args.output or _default_output(args.model)
         for extra_output in (args.report, args.hls4ml_config):
