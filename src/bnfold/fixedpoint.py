@@ -73,7 +73,7 @@ _AP_FIXED = re.compile(r"ap_(u?)fixed<\s*(\d+)\s*,\s*(-?\d+)\s*>")
 _SUPPORTED = (
     "quantized_bits (alpha None or 1), quantized_relu (use_sigmoid 0, negative_slope 0), "
     "quantized_po2, quantized_relu_po2 (negative_slope 0), binary and ternary "
-    "(alpha None or 1); alpha 'auto' or 'auto_po2' only with allow_scale=True"
+    "(alpha None or 1); alpha 'auto' or 'auto_po2' only on kernels (allow_scale=True)"
 )
 
 _REFUSED = {
