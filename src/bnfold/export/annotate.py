@@ -57,6 +57,15 @@ def _metadata(node: onnx.NodeProto, key: str) -> str | None:
     return None
 
 
+def _consumers(graph: onnx.GraphProto) -> defaultdict[str, list[onnx.NodeProto]]:
+    """The nodes that read each tensor, by tensor name (an empty list for unread ones)."""
+    consumers: defaultdict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    return consumers
+
+
 def _minimal_broadcast(values: np.ndarray) -> np.ndarray:
     """The smallest array that broadcasts to ``values``: constant axes collapse to 1."""
     for axis in range(values.ndim):
@@ -124,10 +133,7 @@ class _Annotator:
         records = sorted(self.stripped.weights, key=lambda record: record.first_marker)
         starts = np.array([record.first_marker for record in records])
         placed: dict[int, int] = defaultdict(int)
-        consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in self.graph.node:
-            for name in node.input:
-                consumers[name].append(node)
+        consumers = _consumers(self.graph)
         for tensor in list(self.graph.initializer):
             if tensor.data_type != onnx.TensorProto.FLOAT:
                 continue
@@ -309,10 +315,7 @@ class _Annotator:
                 if match and match.group(1) in scopes:
                     _set_metadata(node, layer=scopes[match.group(1)])
         producers = {output: node for node in self.graph.node for output in node.output}
-        consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in self.graph.node:
-            for name in node.input:
-                consumers[name].append(node)
+        consumers = _consumers(self.graph)
         changed = True
         while changed:
             changed = False
