@@ -127,19 +127,16 @@ def _default_output(model: Path) -> Path:
 
 
 def _source_quantizers(parser: argparse.ArgumentParser, texts: list[str] | None) -> Any:
-    """The --input-quantizer values (None for 'float'); one that does not parse is a usage error."""
+    """The --input-quantizer values as quantizers (None for 'float'); unreadable: usage error."""
     from bnfold.errors import QuantizerError
     from bnfold.fixedpoint import parse_quantizer
 
     if not texts:
         return None
-    for text in texts:
-        try:
-            if text.lower() != "float":
-                parse_quantizer(text)
-        except QuantizerError as error:
-            parser.error(f"argument --input-quantizer: {error}")
-    return [None if text.lower() == "float" else text for text in texts]
+    try:
+        return [None if text.lower() == "float" else parse_quantizer(text) for text in texts]
+    except QuantizerError as error:
+        parser.error(f"argument --input-quantizer: {error}")
 
 
 @warnings_as_lines()
