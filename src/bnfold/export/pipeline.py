@@ -181,7 +181,7 @@ def export_onnx(
 
     Warns:
         bnfold.errors.BnfoldWarning: ``FloatModelWarning`` as above; ``RangeWarning``
-            for a folded bias its quantizer clips, or an accumulator over 32 bits.
+            for a bias (folded or not) its quantizer clips, or an accumulator over 32 bits.
     """
     notify = on_stage or _log_stage
     source_path = None if isinstance(model_or_path, keras.Model) else Path(model_or_path)

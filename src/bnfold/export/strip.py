@@ -31,7 +31,7 @@ from bnfold.accumulator import (
 )
 from bnfold.errors import QuantizerError, UnsupportedLayerError, UnsupportedShapeError
 from bnfold.fixedpoint import FixedPoint
-from bnfold.folding import constructor_arguments
+from bnfold.folding import constructor_arguments, folded_layer_type
 from bnfold.graph import iter_layers, propagate
 from bnfold.keras import keras, tf
 from bnfold.mac import mac_layer_type
@@ -409,12 +409,15 @@ def strip(
         TypeInferenceError: a MAC layer has no accumulator type (unless ``allow_float``).
 
     Warns:
-        RangeWarning: a folded bias beyond its quantizer's range, or an accumulator
-            wider than 32 bits.
+        RangeWarning: a bias (folded or not) beyond its quantizer's range, or an
+            accumulator wider than 32 bits.
     """
     specs = [_input_spec(tensor, batch_size) for tensor in model.inputs]
     macs = mac_types(model, source_quantizers, strict=not allow_float)
-    warn_unrepresentable(macs)
+    folded_layers = list(iter_layers(folded)) if folded is not None else []
+    warn_unrepresentable(
+        macs, folded=[path for path, layer in folded_layers if folded_layer_type(layer)]
+    )
     stripper = _Stripper(macs, per_channel_scales)
     inputs, starts = [], []
     for tensor, spec, quantizer in zip(model.inputs, specs, source_quantizers, strict=True):
@@ -429,7 +432,7 @@ def strip(
         stripper.layers[name].activation = quant.quantizer
         starts.append(stripper.point(placeholder, name, "input", quant, relu=False))
     outputs = propagate(model, starts, stripper.visit)
-    for path, layer in iter_layers(folded) if folded is not None else ():
+    for path, layer in folded_layers:
         if path in stripper.layers:
             stripper.layers[path].class_name = type(layer).__name__
     float_model = keras.Model(inputs, outputs, name=f"{model.name}_float")
