@@ -31,6 +31,7 @@ _PUBLIC = {
     "FixedPoint": "bnfold.fixedpoint",
     "export_onnx": "bnfold.export.pipeline",
     "hls4ml_config": "bnfold.hls4ml",
+    "use_in_qkeras": "bnfold.drop_in",
 }
 _SUBMODULES = ("layers",)
 
