@@ -81,6 +81,19 @@ def _dense_model(*layers: keras.layers.Layer, shape: tuple[int | None, ...] = (6
     return keras.Sequential([keras.Input(shape), *layers])
 
 
+def _replace_kernel(source: Path, path: Path, make) -> Path:
+    """A copy of ``source`` whose 'dense' kernel dataset is ``make(its shape)``."""
+    path.write_bytes(source.read_bytes())
+    with h5py.File(path, "r+") as file:
+        names = []
+        file.visit(names.append)
+        name = next(n for n in names if "/dense/" in n and n.endswith("/kernel:0"))
+        shape = file[name].shape
+        del file[name]
+        file[name] = make(shape)
+    return path
+
+
 def _edit_config(source: Path, path: Path, edit) -> Path:
     """A copy of the .h5 or .keras model file ``source`` whose configuration ``edit`` changed."""
     if source.suffix == ".keras":
@@ -206,15 +219,6 @@ def bad_inputs(tmp_path_factory, valid_file, folded_models) -> dict[str, Path]:
     keras_file = folder / "conv.keras"
     folded_models["sequential_conv"].save(keras_file)
     marker.unlink()  # building the model ran the payload once
-    byte_kernel = folder / "bytes.h5"
-    byte_kernel.write_bytes(valid_file.read_bytes())
-    with h5py.File(byte_kernel, "r+") as file:
-        names = []
-        file.visit(names.append)
-        name = next(n for n in names if "/dense/" in n and n.endswith("/kernel:0"))
-        shape = file[name].shape
-        del file[name]
-        file[name] = np.full(shape, b"0.5", dtype="S3")
     return {
         "missing": folder / "missing.h5",
         "directory": folder / "folder.h5",
@@ -289,7 +293,12 @@ def bad_inputs(tmp_path_factory, valid_file, folded_models) -> dict[str, Path]:
                 {"class_name": "quantized_bits", "config": {"bits": 4, "integer": 999999999999}},
             ),
         ),
-        "byte_string_kernel": byte_kernel,
+        "byte_string_kernel": _replace_kernel(
+            valid_file, folder / "bytes.h5", lambda shape: np.full(shape, b"0.5", dtype="S3")
+        ),
+        "wrong_kernel_shape": _replace_kernel(
+            valid_file, folder / "shape.h5", lambda shape: np.zeros((shape[0] + 1, shape[1]))
+        ),
         "long_chain": _model_only_file(folder / "chain.h5", _chain(2000)),
         "huge_input": _model_only_file(folder / "huge_input.h5", _one_conv([65536, 65536, 1], 2)),
         "huge_filters": _model_only_file(folder / "huge_filters.h5", _one_conv([8, 8, 3], 10**8)),
@@ -346,6 +355,10 @@ EXPECTED = {
     "byte_string_kernel": (
         ModelFileError,
         r"weights must be numbers.*bytes.h5' whose dataset '.*dense/kernel:0' holds \|S3",
+    ),
+    "wrong_kernel_shape": (
+        ModelFileError,
+        r"shape.h5.*dense/kernel:0.*Shape mismatch.*\(192, 5\).*\(193, 5\)",
     ),
     "long_chain": (ModelTooLargeError, r"at most 1000 layers.*MAX_LAYERS.*chain.h5"),
     "huge_input": (

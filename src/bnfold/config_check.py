@@ -310,7 +310,7 @@ def check_model_config(
         )
     count = 0
     for layer, depth in _layer_configs(config):
-        count += 1
+        count += depth > 0 and layer.get("class_name") != "InputLayer"
         if depth > MAX_NESTING and layer.get("class_name") in _MODEL_CLASSES:
             raise ModelTooLargeError(
                 f"bnfold reads models nested at most {MAX_NESTING} deep "

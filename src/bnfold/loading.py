@@ -249,7 +249,9 @@ def _check_before_loading(path: Path, *, safe: bool, max_memory: int | None) -> 
     configs: list[Any]
     probed = _probe(path) if path.is_file() else None
     if path.is_dir():
-        configs = _saved_model_configs(path) if safe else []
+        # Unsafe loading accepts a SavedModel without Keras metadata, unchecked.
+        checkable = safe or (path / _SAVED_MODEL_METADATA).is_file()
+        configs = _saved_model_configs(path) if checkable else []
     elif zipfile.is_zipfile(path):
         configs = [_archive_config(path)]
     else:
