@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         "power-of-two scales (hls4ml 1.3.0 cannot read per-channel scales)",
     )
     parser.add_argument(
+        "--channels-first",
+        action="store_true",
+        help="give 4-D graph inputs and outputs the NCHW layout, as Brevitas exports them "
+        "(default: Keras's NHWC); either way each carries its layout annotation",
+    )
+    parser.add_argument(
         "--report", type=Path, metavar="PATH", help="also write the per-layer table as JSON"
     )
     parser.add_argument(
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=None if args.dynamic_batch else 1,
             # hls4ml 1.3.0 reads one scale per weight Quant node.
             per_channel_scales=args.per_channel_scales and not args.hls4ml_config,
+            channels_first=args.channels_first,
             on_stage=_progress(sys.stderr.isatty() or args.debug),
         )
         metadata = {entry.key: entry.value for entry in exported.metadata_props}

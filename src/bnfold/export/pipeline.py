@@ -143,6 +143,7 @@ def export_onnx(
     verify: bool = True,
     batch_size: int | None = 1,
     per_channel_scales: bool = True,
+    channels_first: bool = False,
     on_stage: Callable[[str], None] | None = None,
 ) -> onnx.ModelProto:
     """Export a QKeras model with folded batchnorm as QONNX for hls4ml and FINN.
@@ -162,6 +163,9 @@ def export_onnx(
         per_channel_scales: write per-channel power-of-two kernel scales as a
             per-channel scale tensor (QONNX, FINN); False gives each kernel one
             scale and enough bits for every channel, which hls4ml 1.3.0 needs.
+        channels_first: give 4-D graph inputs and outputs the NCHW layout, as
+            Brevitas exports them, instead of Keras's NHWC. Either way each graph
+            input and output carries its layout (``tensor_layout``) for qonnx and FINN.
         on_stage: called with each stage's name as it starts (progress display).
 
     Returns:
@@ -209,9 +213,14 @@ def export_onnx(
         allow_float=not quantized,
     )
     notify("convert")
-    converted = convert(stripped, opset=opset)
+    converted = convert(stripped, opset=opset, channels_first=channels_first)
     notify("annotate")
-    exported = annotate(converted, stripped, {"version": __version__, **_source(source_path)})
+    exported = annotate(
+        converted,
+        stripped,
+        {"version": __version__, **_source(source_path)},
+        channels_first=channels_first,
+    )
     if verify:
         notify("verify")
         source_types = [None if q is None else FixedPoint.from_quantizer(q) for q in sources]
