@@ -74,8 +74,8 @@ def prepare_for_hls4ml(
         ExportError: A weight Quant node has per-channel scales, which hls4ml 1.3.0
             cannot read, or a node's bnfold metadata is malformed.
     """
-    model = _average_pools_as_convolutions(_copy(onnx_model))
-    cleaned = _scalar_quant_parameters(_qonnx_preprocessing(model))
+    model = _scalar_quant_parameters(_average_pools_as_convolutions(_copy(onnx_model)))
+    cleaned = _qonnx_preprocessing(model)
     return cleaned, _Config(cleaned).build(default_precision)
 
 
@@ -148,7 +148,8 @@ def _scalar_quant_parameters(model: ModelWrapper) -> ModelWrapper:
     """Each one-value Quant scale and zero point as a scalar (rank 0), for hls4ml 1.3.0.
 
     bnfold writes them with shape (1,), as qonnx's and FINN's passes need; hls4ml
-    turns them into Python numbers, which NumPy 2 refuses for an array of rank 1.
+    turns them into Python numbers, which NumPy 2 refuses for an array of rank 1,
+    and qonnx's channels-last pass (hls4ml's preprocessing) never finishes on them.
     """
     for node in model.get_nodes_by_op_type("Quant"):
         for name in node.input[1:3]:

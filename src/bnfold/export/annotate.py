@@ -462,11 +462,11 @@ def _layout_changes_as_transposes(model: onnx.ModelProto) -> None:
         if node.op_type != "Reshape" or node.input[1] not in targets:
             continue
         source, result = shapes.get(node.input[0]), shapes.get(node.output[0])
-        if not source or result is None or len(source) not in (3, 4) or source[-1] != 1:
+        # Images only: qonnx's channels-last pass (hls4ml's preprocessing) never
+        # finishes on such a Transpose of a 3-D (Conv1D) tensor.
+        if not source or result is None or len(source) != 4 or source[-1] != 1:
             continue
-        first = [0, len(source) - 1, *range(1, len(source) - 1)]  # channels-last to -first
-        last = [0, *range(2, len(source)), 1]
-        for order in (first, last):
+        for order in ([0, 3, 1, 2], [0, 2, 3, 1]):  # channels-last to -first, and back
             if [source[axis] for axis in order] == result and result != source:
                 transpose = helper.make_node(
                     "Transpose", [node.input[0]], list(node.output), name=node.name, perm=order
