@@ -324,7 +324,10 @@ def onnx_summary(onnx_model: onnx.ModelProto) -> dict[str, Any]:
             value.name: {"shape": _shape(value), **datatypes.get(value.name, {})}
             for value in graph.input
         },
-        "outputs": {value.name: {"shape": _shape(value)} for value in graph.output},
+        "outputs": {
+            value.name: {"shape": _shape(value), **datatypes.get(value.name, {})}
+            for value in graph.output
+        },
         "metadata": model_metadata,
         "layers": {
             path: {**entry, "ops": dict(sorted(entry["ops"].items()))}

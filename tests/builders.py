@@ -286,3 +286,9 @@ def zoo() -> keras.Model:
 
 
 EXPORT_BUILDERS = {**BUILDERS, "unpopulated": unpopulated, "zoo": zoo}
+
+
+def feature_map() -> keras.Model:
+    """The first convolution and activation of ``sequential_conv``: a 4-D (feature map) output."""
+    full = sequential_conv()
+    return keras.Model(full.inputs, full.get_layer("relu").output, name="feature_map")

@@ -169,8 +169,10 @@ def test_model_metadata_and_input_datatype(exported, tmp_path):
         for a in onnx_model.graph.quantization_annotation
     }
     assert annotations == {
-        "image": {"finn_datatype": "FIXED<8,4>"},
-        "side": {"finn_datatype": "FIXED<8,4>"},
+        "image": {"finn_datatype": "FIXED<8,4>", "tensor_layout": "['N', 'H', 'W', 'C']"},
+        "side": {"finn_datatype": "FIXED<8,4>", "tensor_layout": "['N', 'C']"},
+        "out_a": {"tensor_layout": "['N', 'C']"},
+        "head": {"tensor_layout": "['N', 'C']"},
     }
     assert [output.name for output in onnx_model.graph.output] == ["out_a", "head"]
 

@@ -60,6 +60,24 @@ def test_hls4ml_input_type_exports_as_its_quantized_bits_and_prints_both(
     assert input_rows == [["InputLayer", "-", "-", *both_forms, "-"]] * 2
 
 
+def test_channels_first_gives_an_nchw_input(model_file, tmp_path, capsys):
+    output = tmp_path / "nchw.onnx"
+    code = main(
+        [
+            str(model_file),
+            "-o",
+            str(output),
+            "--channels-first",
+            "--input-quantizer",
+            builders.INPUT_QUANTIZER,
+        ]
+    )
+    assert code == 0
+    assert "verified: QONNX equals QKeras" in capsys.readouterr().out
+    graph_input = onnx.load(output).graph.input[0]
+    assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim] == [1, 3, 10, 10]
+
+
 def test_default_output_is_model_with_onnx_suffix(model_file, capsys):
     assert main([str(model_file), "--no-verify"]) == 0
     assert model_file.with_suffix(".onnx").is_file()

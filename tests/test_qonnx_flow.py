@@ -3,7 +3,10 @@
 FINN starts from qonnx's cleanup with the graph input's datatype annotated, infers
 datatypes with qonnx, and folds the weight Quant nodes into integer initializers. Every
 golden model goes through those steps here, exported as FINN reads it (per-channel
-power-of-two kernel scales where QKeras has them).
+power-of-two kernel scales where QKeras has them), and through every qonnx pass that
+FINN's ``ConvertQONNXtoFINN`` and its tidy-up step run, outputs compared with QKeras's
+after each. FINN itself is too large for CI: ``scripts/check_finn.py`` runs its build
+steps from a separate environment.
 """
 
 from __future__ import annotations
@@ -14,13 +17,25 @@ import numpy as np
 import pytest
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.transformation.extract_conv_bias import ExtractBiasFromConv
 from qonnx.transformation.extract_quant_scale_zeropt import ExtractQuantScaleZeroPt
 from qonnx.transformation.fold_constants import FoldConstantsFiltered
+from qonnx.transformation.gemm_to_matmul import GemmToMatMul
+from qonnx.transformation.general import (
+    GiveReadableTensorNames,
+    GiveUniqueNodeNames,
+    RemoveStaticGraphInputs,
+    RemoveUnusedTensors,
+)
+from qonnx.transformation.infer_data_layouts import InferDataLayouts
 from qonnx.transformation.infer_datatypes import InferDataTypes
+from qonnx.transformation.infer_shapes import InferShapes
+from qonnx.transformation.quant_constant_folding import FoldTransposeIntoQuantInit
 from qonnx.util.cleanup import cleanup_model
 
 import bnfold
-from bnfold.export.verify import qonnx_outputs
+import builders
+from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from golden_records import GOLDEN, MODEL_NAMES
 
@@ -40,19 +55,111 @@ def _is_weight_quant(model: ModelWrapper, node) -> bool:
     return node.op_type == "Quant" and model.get_initializer(node.input[0]) is not None
 
 
-@pytest.fixture(scope="module", params=MODEL_NAMES)
-def cleaned(request):
-    """A golden model exported as FINN reads it and cleaned by qonnx, with QKeras's outputs."""
-    name = request.param
+# The qonnx passes of FINN's ConvertQONNXtoFINN (finn-plus 1.6.1), in its order, then
+# those of its tidy-up step; FINN's own passes among them are run by check_finn.py.
+FINN_QONNX_PASSES = (
+    ExtractBiasFromConv,
+    GemmToMatMul,
+    FoldTransposeIntoQuantInit,
+    InferDataTypes,
+    InferDataLayouts,
+    ExtractQuantScaleZeroPt,
+    InferShapes,
+    RemoveStaticGraphInputs,
+    GiveUniqueNodeNames,
+    GiveReadableTensorNames,
+    RemoveUnusedTensors,
+)
+
+
+def _export(name: str, **options):
+    """A golden model exported as FINN reads it, with samples and QKeras's outputs on them."""
     sources = json.loads((GOLDEN / f"{name}.json").read_text())["source_quantizers"]
     model = bnfold.load_model(GOLDEN / f"{name}.h5")
-    onnx_model = bnfold.export_onnx(model, source_quantizers=sources, verify=False)
+    onnx_model = bnfold.export_onnx(model, source_quantizers=sources, **options)
     bnfold.populate_bias_quantizer_from_accumulator(model, sources)
     recorded = np.load(GOLDEN / f"{name}.npz")
     inputs = [recorded[f"input/{input_name}"][:SAMPLES] for input_name in model.input_names]
     expected = model.predict(inputs, verbose=0)
     expected = expected if isinstance(expected, list) else [expected]
+    return onnx_model, sources, inputs, expected
+
+
+@pytest.fixture(scope="module", params=MODEL_NAMES)
+def exported(request):
+    """A golden model's name, and its export as FINN reads it with sources, samples, outputs."""
+    return request.param, *_export(request.param, verify=False)
+
+
+@pytest.fixture(scope="module")
+def cleaned(exported):
+    """The export cleaned by qonnx."""
+    _, onnx_model, sources, inputs, expected = exported
     return cleanup_model(ModelWrapper(onnx_model)), sources, inputs, expected
+
+
+def test_quant_parameters_have_the_shapes_qonnx_passes_take(exported):
+    """One scale or zero point per tensor is shape (1,), as Brevitas writes it (qonnx's
+    ExtractBiasFromConv cannot reshape a rank-0 one); per-channel scales keep the rank of
+    the tensor they scale, varying along its output channels only (axis 0 of a Conv
+    kernel, the last axis of a MatMul's), as FINN's conversion reads the channel axis;
+    every initializer's value_info has the initializer's shape."""
+    name, onnx_model = exported[:2]
+    model = ModelWrapper(onnx_model)
+    per_channel = 0
+    for node in model.get_nodes_by_op_type("Quant"):
+        for parameter in node.input[1:3]:
+            values = model.get_initializer(parameter)
+            if values.size == 1:
+                assert values.shape == (1,), (node.name, parameter)
+                continue
+            per_channel += 1
+            reader = model.find_consumers(node.output[0])[0].op_type
+            channel_axis = {"Conv": 0, "MatMul": values.ndim - 1}[reader]
+            varying = [axis for axis, size in enumerate(values.shape) if size != 1]
+            assert varying == [channel_axis], node.name
+            assert values.ndim == len(model.get_tensor_shape(node.input[0])), node.name
+    if name == "po2_no_bias":  # its kernels have per-channel power-of-two scales
+        assert per_channel
+    listed = {value.name: value for value in model.graph.value_info}
+    for tensor in model.graph.initializer:
+        shape = [dim.dim_value for dim in listed[tensor.name].type.tensor_type.shape.dim]
+        assert shape == list(tensor.dims), tensor.name
+
+
+def test_finn_qonnx_passes_keep_the_qkeras_outputs(cleaned):
+    model, _, inputs, expected = cleaned
+    for transformation in FINN_QONNX_PASSES:
+        model = model.transform(transformation())
+        for result, reference in zip(qonnx_outputs(model, inputs), expected, strict=True):
+            np.testing.assert_array_equal(result, reference, err_msg=transformation.__name__)
+    assert not model.get_nodes_by_op_type("Gemm")
+    # ExtractBiasFromConv left every convolution with two inputs.
+    assert all(len(node.input) == 2 for node in model.get_nodes_by_op_type("Conv"))
+
+
+_CHANNELS_FIRST_OPS = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool")
+
+
+@pytest.mark.parametrize("channels_first", [False, True], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_inferred_layouts_match_the_graph(name, channels_first):
+    """qonnx's InferDataLayouts, which FINN runs, reads each input's tensor_layout and then
+    labels the input of every ONNX convolution and pooling NCHW (what ONNX computes);
+    with channels_first the 4-D interface is NCHW and the outputs are still QKeras's."""
+    onnx_model, _, inputs, expected = _export(name, channels_first=channels_first)
+    model = cleanup_model(ModelWrapper(onnx_model)).transform(InferDataLayouts())
+    for tensor in (*model.graph.input, *model.graph.output):
+        rank = len(model.get_tensor_shape(tensor.name))
+        expected_layout = {2: ["N", "C"], 3: ["N", "W", "C"]}.get(rank)
+        if rank == 4:
+            expected_layout = ["N", "C", "H", "W"] if channels_first else ["N", "H", "W", "C"]
+        assert model.get_tensor_layout(tensor.name) == expected_layout, tensor.name
+    for node in model.graph.node:
+        if node.op_type in _CHANNELS_FIRST_OPS and len(model.get_tensor_shape(node.input[0])) == 4:
+            assert model.get_tensor_layout(node.input[0]) == ["N", "C", "H", "W"], node.name
+    for result, reference in zip(qonnx_outputs(model, inputs), expected, strict=True):
+        np.testing.assert_array_equal(result, reference)
 
 
 def test_cleanup_keeps_the_input_datatypes(cleaned):
@@ -113,3 +220,20 @@ def test_weight_quants_fold_into_integer_initializers(cleaned):
         assert datatype.allowed(codes).all(), node.name
     for result, reference in zip(qonnx_outputs(folded, inputs), expected, strict=True):
         np.testing.assert_array_equal(result, reference)
+
+
+def test_channels_first_feature_map_output():
+    """A model whose output is a feature map: with channels_first the output is NCHW too,
+    labelled so, and verified against QKeras's NHWC output transposed."""
+    model = builders.feature_map()
+    sources = [builders.INPUT_QUANTIZER]
+    onnx_model = bnfold.export_onnx(model, source_quantizers=sources, channels_first=True)
+    wrapped = ModelWrapper(onnx_model)
+    output = onnx_model.graph.output[0].name
+    assert wrapped.get_tensor_shape(output) == [1, 6, 10, 10]
+    assert wrapped.get_tensor_layout(output) == ["N", "C", "H", "W"]
+    assert not wrapped.get_nodes_by_op_type("Transpose")
+    # The export verified itself on these samples; the layout round trip must too.
+    inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], 8)
+    (result,) = qonnx_outputs(onnx_model, inputs)
+    np.testing.assert_array_equal(result, model.predict(inputs[0], verbose=0))

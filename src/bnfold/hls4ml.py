@@ -80,7 +80,7 @@ def prepare_for_hls4ml(
         ExportError: A weight Quant node has per-channel scales, which hls4ml 1.3.0
             cannot read, or a node's bnfold metadata is malformed.
     """
-    model = _average_pools_as_convolutions(_copy(onnx_model))
+    model = _scalar_quant_parameters(_average_pools_as_convolutions(_copy(onnx_model)))
     cleaned = _qonnx_preprocessing(model)
     return cleaned, _Config(cleaned).build(default_precision)
 
@@ -148,6 +148,21 @@ def _qonnx_preprocessing(model: ModelWrapper) -> ModelWrapper:
     model = model.transform(ConvertToChannelsLastAndClean())
     model = model.transform(GemmToMatMul())
     return cleanup_model(model)
+
+
+def _scalar_quant_parameters(model: ModelWrapper) -> ModelWrapper:
+    """Each one-value Quant scale and zero point as a scalar (rank 0), for hls4ml 1.3.0.
+
+    bnfold writes them with shape (1,), as qonnx's and FINN's passes need; hls4ml
+    turns them into Python numbers, which NumPy 2 refuses for an array of rank 1,
+    and qonnx's channels-last pass (hls4ml's preprocessing) never finishes on them.
+    """
+    for node in model.get_nodes_by_op_type("Quant"):
+        for name in node.input[1:3]:
+            values = model.get_initializer(name)
+            if values is not None and values.size == 1 and values.ndim:
+                model.set_initializer(name, values.reshape(()))
+    return model
 
 
 def _metadata(node: onnx.NodeProto, key: str) -> str | None:

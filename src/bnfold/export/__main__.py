@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         "power-of-two scales (hls4ml 1.3.0 cannot read per-channel scales)",
     )
     parser.add_argument(
+        "--channels-first",
+        action="store_true",
+        help="give 4-D graph inputs and outputs the NCHW layout, as Brevitas exports them "
+        "(default: Keras's NHWC); either way each carries its layout annotation",
+    )
+    parser.add_argument(
         "--report", type=Path, metavar="PATH", help="also write the per-layer table as JSON"
     )
     parser.add_argument(
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             per_channel_scales=args.per_channel_scales and not args.hls4ml_config,
             safe=not args.unsafe_load,
             max_memory=args.max_memory,
+            channels_first=args.channels_first,
             on_stage=_progress(sys.stderr.isatty() or args.debug),
         )
         metadata = {entry.key: entry.value for entry in exported.metadata_props}

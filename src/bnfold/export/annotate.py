@@ -6,7 +6,10 @@
 - Each point Mul becomes a ``Quant`` node with the same output.
 - Dense layers become MatMul + Add (hls4ml wants them; qonnx's own Gemm
   conversion would drop the node metadata); Conv and pooling nodes get explicit
-  pads, strides and dilations.
+  pads, strides and dilations; a Reshape that tf2onnx wrote for a layout change
+  is a Transpose again, so that layout inference can follow it.
+- Graph inputs and outputs carry their ``tensor_layout`` (and inputs their
+  ``finn_datatype``) as quantization annotations, for qonnx and FINN.
 - Every node gets ``bnfold.*`` metadata naming its Keras layer; MAC nodes also
   their quantizers and accumulator type; the model a summary.
 
@@ -25,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnfold.errors import ExportError
+from bnfold.export.convert import graph_layout
 from bnfold.export.strip import (
     PointRecord,
     QuantSpec,
@@ -75,6 +79,17 @@ def _minimal_broadcast(values: np.ndarray) -> np.ndarray:
     return values
 
 
+def _parameter_shape(values: np.ndarray | np.float32) -> np.ndarray:
+    """A Quant scale or zero point as qonnx's and FINN's passes read it.
+
+    One value for the whole tensor has shape ``(1,)``, as Brevitas writes it:
+    qonnx's ``ExtractBiasFromConv`` reshapes any other shape to the bias's, and
+    a rank-0 tensor cannot take it. Per-channel values keep their broadcast shape.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    return values.reshape(1) if values.size == 1 else values
+
+
 class _Annotator:
     def __init__(self, model: onnx.ModelProto, stripped: Stripped) -> None:
         self.model = model
@@ -113,8 +128,8 @@ class _Annotator:
             "Quant",
             [
                 source,
-                self.constant(f"{base}_scale", np.float32(fixed.step) * scale),
-                self.constant(f"{base}_zeropt", 0.0),
+                self.constant(f"{base}_scale", _parameter_shape(np.float32(fixed.step) * scale)),
+                self.constant(f"{base}_zeropt", _parameter_shape(np.float32(0.0))),
                 self.constant(f"{base}_bitwidth", fixed.bits),
             ],
             [output],
@@ -354,14 +369,31 @@ class _Annotator:
             node.output[:] = [renames.get(name, name) for name in node.output]
             node.input[:] = [renames.get(name, name) for name in node.input]
 
-    def input_datatypes(self) -> None:
-        """FINN reads the graph input's datatype from its ``finn_datatype`` annotation."""
-        for point in self.stripped.points:
-            if point.role != "input":
+    def interface_annotations(self, channels_first: bool) -> None:
+        """Each graph input's datatype (FINN reads it) and each input's and output's layout.
+
+        Without ``tensor_layout``, qonnx's ``InferDataLayouts`` (which FINN runs)
+        takes a 4-D graph input for NCHW, and labels every tensor after a
+        channels-last input wrongly.
+        """
+        datatypes = {
+            point.path: point.quant.fixed.value_datatype()
+            for point in self.stripped.points
+            if point.role == "input"
+        }
+        for value in (*self.graph.input, *self.graph.output):
+            entries = {}
+            if value.name in datatypes:
+                entries["finn_datatype"] = datatypes[value.name]
+            layout = graph_layout(len(value.type.tensor_type.shape.dim), channels_first)
+            if layout is not None:
+                entries["tensor_layout"] = str(layout)
+            if not entries:
                 continue
-            annotation = onnx.TensorAnnotation(tensor_name=point.path)
-            entry = annotation.quant_parameter_tensor_names.add()
-            entry.key, entry.value = "finn_datatype", point.quant.fixed.value_datatype()
+            annotation = onnx.TensorAnnotation(tensor_name=value.name)
+            for key, text in entries.items():
+                entry = annotation.quant_parameter_tensor_names.add()
+                entry.key, entry.value = key, text
             self.graph.quantization_annotation.append(annotation)
 
     def finish(self) -> None:
@@ -411,6 +443,46 @@ def _infer_shapes(model: onnx.ModelProto) -> None:
     )
 
 
+def _layout_changes_as_transposes(model: onnx.ModelProto) -> None:
+    """Write back as a Transpose each Reshape with which tf2onnx replaced a layout change.
+
+    Moving a channel axis of size 1 (a one-channel image into a Conv) does not
+    move any data, so tf2onnx writes it as a Reshape; qonnx's ``InferDataLayouts``
+    then carries the channels-last label through it and misreads every layout
+    after it. The Transpose computes the same and says what changes.
+    """
+    graph = model.graph
+    shapes = {
+        value.name: [dim.dim_value for dim in value.type.tensor_type.shape.dim]
+        for value in (*graph.input, *graph.value_info, *graph.output)
+    }
+    targets = {tensor.name: tensor for tensor in graph.initializer}
+    replaced = set()
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Reshape" or node.input[1] not in targets:
+            continue
+        source, result = shapes.get(node.input[0]), shapes.get(node.output[0])
+        # Images only: qonnx's channels-last pass (hls4ml's preprocessing) never
+        # finishes on such a Transpose of a 3-D (Conv1D) tensor.
+        if not source or result is None or len(source) != 4 or source[-1] != 1:
+            continue
+        for order in ([0, 3, 1, 2], [0, 2, 3, 1]):  # channels-last to -first, and back
+            if [source[axis] for axis in order] == result and result != source:
+                transpose = helper.make_node(
+                    "Transpose", [node.input[0]], list(node.output), name=node.name, perm=order
+                )
+                transpose.metadata_props.extend(node.metadata_props)
+                replaced.add(node.input[1])
+                graph.node[index].CopyFrom(transpose)
+                break
+    used = {name for node in graph.node for name in node.input}
+    unused = replaced - used
+    for tensors in (graph.initializer, graph.value_info):
+        kept = [tensor for tensor in tensors if tensor.name not in unused]
+        del tensors[:]
+        tensors.extend(kept)
+
+
 def _check_reproduced(values: np.ndarray, record: WeightRecord, scale: np.ndarray) -> None:
     """A Quant node with these parameters must give the QKeras-quantized values back."""
     fixed = record.quant.fixed
@@ -424,7 +496,11 @@ def _check_reproduced(values: np.ndarray, record: WeightRecord, scale: np.ndarra
 
 
 def annotate(
-    model: onnx.ModelProto, stripped: Stripped, metadata: dict[str, str] | None = None
+    model: onnx.ModelProto,
+    stripped: Stripped,
+    metadata: dict[str, str] | None = None,
+    *,
+    channels_first: bool = False,
 ) -> onnx.ModelProto:
     """Turn the converted float graph into QONNX with bnfold metadata.
 
@@ -432,6 +508,8 @@ def annotate(
         model: the convert stage's output (changed in place).
         stripped: the strip stage's records.
         metadata: extra model-level ``metadata_props`` (keys without the prefix).
+        channels_first: whether ``model`` was converted with channels-first 4-D
+            inputs and outputs (the layout annotations say so).
 
     Returns:
         The QONNX model, with every tensor's shape, passing ``onnx.checker``.
@@ -448,7 +526,7 @@ def annotate(
     annotator.finish()
     annotator.layer_metadata()
     annotator.output_names()
-    annotator.input_datatypes()
+    annotator.interface_annotations(channels_first)
     summary = {
         "layers": json.dumps([record.summary() for record in stripped.layers.values()]),
         **(metadata or {}),
@@ -457,5 +535,6 @@ def annotate(
         entry = model.metadata_props.add()
         entry.key, entry.value = f"bnfold.{key}", value
     _infer_shapes(model)
+    _layout_changes_as_transposes(model)
     onnx.checker.check_model(model, full_check=True)
     return model

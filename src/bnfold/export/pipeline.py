@@ -145,6 +145,7 @@ def export_onnx(
     per_channel_scales: bool = True,
     safe: bool = True,
     max_memory: int | None = None,
+    channels_first: bool = False,
     on_stage: Callable[[str], None] | None = None,
 ) -> onnx.ModelProto:
     """Export a QKeras model with folded batchnorm as QONNX for hls4ml and FINN.
@@ -168,6 +169,9 @@ def export_onnx(
             False runs that code, for a file you trust.
         max_memory: refuse a model file whose declared sizes need more bytes
             (see ``bnfold.load_model``); None: the machine's memory.
+        channels_first: give 4-D graph inputs and outputs the NCHW layout, as
+            Brevitas exports them, instead of Keras's NHWC. Either way each graph
+            input and output carries its layout (``tensor_layout``) for qonnx and FINN.
         on_stage: called with each stage's name as it starts (progress display).
 
     Returns:
@@ -218,9 +222,14 @@ def export_onnx(
         allow_float=not quantized,
     )
     notify("convert")
-    converted = convert(stripped, opset=opset)
+    converted = convert(stripped, opset=opset, channels_first=channels_first)
     notify("annotate")
-    exported = annotate(converted, stripped, {"version": __version__, **_source(source_path)})
+    exported = annotate(
+        converted,
+        stripped,
+        {"version": __version__, **_source(source_path)},
+        channels_first=channels_first,
+    )
     if verify:
         notify("verify")
         source_types = [None if q is None else FixedPoint.from_quantizer(q) for q in sources]

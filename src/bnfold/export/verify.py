@@ -9,6 +9,7 @@ order of additions matters: it gets a small tolerance).
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -131,22 +132,47 @@ def _with_batch(onnx_model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return batched
 
 
+def _channels_last_order(model: onnx.ModelProto, name: str) -> list[int] | None:
+    """The axis order that makes graph tensor ``name`` channels-last, if it is channels-first.
+
+    Read from the tensor's ``tensor_layout`` annotation (qonnx's notation).
+    """
+    for annotation in model.graph.quantization_annotation:
+        if annotation.tensor_name != name:
+            continue
+        for entry in annotation.quant_parameter_tensor_names:
+            if entry.key == "tensor_layout":
+                layout = ast.literal_eval(entry.value)
+                if len(layout) > 2 and layout[1] == "C":
+                    return [0, *range(2, len(layout)), 1]
+    return None
+
+
 def qonnx_outputs(model: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """QONNX execution (Quant nodes included) of ``model`` on all samples in one run.
 
     Args:
         model: an ``onnx.ModelProto`` or qonnx ``ModelWrapper`` with static shapes
             (any batch size, or a dynamic batch).
-        inputs: one array per graph input, samples along the first axis.
+        inputs: one array per graph input, samples along the first axis, in
+            Keras's channels-last layout (transposed here for a channels-first input).
 
     Returns:
-        One array per graph output, samples along the first axis.
+        One array per graph output, samples along the first axis, channels-last.
     """
     proto = model.model if isinstance(model, ModelWrapper) else model
     batched = _IndexedModel(_with_batch(proto, len(inputs[0])))
-    feed = {tensor.name: values for tensor, values in zip(batched.graph.input, inputs, strict=True)}
+    feed = {}
+    for tensor, values in zip(batched.graph.input, inputs, strict=True):
+        order = _channels_last_order(proto, tensor.name)
+        feed[tensor.name] = values if order is None else values.transpose(np.argsort(order))
     executed = execute_onnx(batched, feed)
-    return [executed[tensor.name] for tensor in batched.graph.output]
+    outputs = []
+    for tensor in batched.graph.output:
+        order = _channels_last_order(proto, tensor.name)
+        values = executed[tensor.name]
+        outputs.append(values if order is None else values.transpose(order))
+    return outputs
 
 
 def verify(

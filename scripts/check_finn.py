@@ -1,0 +1,248 @@
+"""FINN's build steps on every golden model, up to the dataflow partition.
+
+FINN is too large for the test environment, so this runs from a separate one
+(finn-plus, the maintained FINN fork, about 6 GB with torch):
+
+    python -m venv finn-venv && finn-venv/bin/pip install finn-plus==1.6.1 psutil
+    finn-venv/bin/python scripts/check_finn.py [NAME ...] [--channels-first] [--round-half-even]
+
+Each golden model is exported by bnfold in a subprocess of the Python that has
+bnfold and TensorFlow (``--exporter``, by default the one the venv was made
+from), then FINN's own build steps run on it in order: ``step_qonnx_to_finn``,
+``step_tidy_up``, ``step_streamline``, ``step_convert_to_hw``,
+``step_minimize_bit_width_initial``, ``step_create_dataflow_partition``. After
+each, the model is executed on the golden inputs and compared with the stored
+QKeras outputs. ``--round-half-even`` adds ``bnfold.finn.step_round_half_to_even``
+after ``step_qonnx_to_finn``, as a FINN user would through ``inject_steps_after``.
+
+The table printed (Markdown) gives per model the furthest step passed, the
+maximum difference after each step, and why the next step stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+GOLDEN = REPOSITORY / "golden"
+# Every golden model (the golden directory is the list).
+MODEL_NAMES = tuple(sorted(path.stem for path in GOLDEN.glob("*.h5")))
+STEPS = (
+    "step_qonnx_to_finn",
+    "step_tidy_up",
+    "step_streamline",
+    "step_convert_to_hw",
+    "step_minimize_bit_width_initial",
+    "step_create_dataflow_partition",
+)
+
+
+def _load_finn():
+    """FINN's build steps, importable without Vivado.
+
+    ``finn.builder.build_dataflow_steps`` imports ``finn.xsi.SimEngine``, which
+    looks for Vivado to build its RTL simulator; no step up to the dataflow
+    partition simulates RTL, so a placeholder stands in for it. FINN's settings
+    are those its command line would make (``initialize_dummy_settings``).
+    """
+    import finn.util.settings
+    import finn.xsi
+
+    finn.util.settings.initialize_dummy_settings()
+    finn.xsi.SimEngine = None
+    import finn.builder.build_dataflow_steps as steps
+    from finn.builder.build_dataflow_config import DataflowBuildConfig
+    from finn.core.onnx_exec import execute_onnx
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    return steps, DataflowBuildConfig, execute_onnx, ModelWrapper
+
+
+def _load_bnfold_finn():
+    """``bnfold.finn`` by its path: the bnfold package itself imports TensorFlow, not here."""
+    spec = importlib.util.spec_from_file_location(
+        "bnfold_finn", REPOSITORY / "src" / "bnfold" / "finn.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def export(name: str, directory: Path, exporter: str, channels_first: bool) -> Path:
+    """Export golden model ``name`` with bnfold, in the Python that has it."""
+    sources = json.loads((GOLDEN / f"{name}.json").read_text())["source_quantizers"]
+    output = directory / f"{name}.onnx"
+    command = [exporter, "-m", "bnfold.export", str(GOLDEN / f"{name}.h5"), "-o", str(output)]
+    for source in sources:
+        command += ["--input-quantizer", source if isinstance(source, str) else "float"]
+    if channels_first:
+        command.append("--channels-first")
+    environment = dict(os.environ, PYTHONPATH=str(REPOSITORY / "src"))
+    subprocess.run(command, check=True, capture_output=True, env=environment)
+    return output
+
+
+def _channels_first(model, name: str) -> bool:
+    layout = model.get_tensor_layout(name)
+    return layout is not None and len(layout) > 2 and layout[1] == "C"
+
+
+def max_difference(model, execute_onnx, inputs, expected, layouts) -> float:
+    """The largest difference from the QKeras outputs over all samples, one sample a run."""
+    inputs_cf, outputs_cf = layouts
+    worst = 0.0
+    for sample in range(len(inputs[0])):
+        feed = {}
+        for tensor, values, first in zip(model.graph.input, inputs, inputs_cf, strict=True):
+            value = values[sample : sample + 1]
+            feed[tensor.name] = np.moveaxis(value, -1, 1) if first else value
+        results = execute_onnx(model, feed)
+        for tensor, values, first in zip(model.graph.output, expected, outputs_cf, strict=True):
+            result = results[tensor.name]
+            result = np.moveaxis(result, 1, -1) if first else result
+            reference = values[sample : sample + 1]
+            worst = max(worst, float(np.max(np.abs(result.reshape(reference.shape) - reference))))
+    return worst
+
+
+def check(name: str, arguments, finn, workspace: Path) -> dict:
+    steps, config_class, execute_onnx, wrapper = finn
+    path = export(name, workspace, arguments.exporter, arguments.channels_first)
+    model = wrapper(str(path))
+    recorded = np.load(GOLDEN / f"{name}.npz")
+    input_names = [key.removeprefix("input/") for key in recorded.files if key.startswith("input/")]
+    output_names = [
+        key.removeprefix("output/") for key in recorded.files if key.startswith("output/")
+    ]
+    inputs = [recorded[f"input/{n}"] for n in sorted(input_names, key=_order(model.graph.input))]
+    expected = [
+        recorded[f"output/{n}"] for n in sorted(output_names, key=_order(model.graph.output))
+    ]
+    layouts = (
+        [_channels_first(model, t.name) for t in model.graph.input],
+        [_channels_first(model, t.name) for t in model.graph.output],
+    )
+    config = config_class(
+        output_dir=str(workspace / f"{name}_build"),
+        generate_outputs=[],
+        verify_steps=[],
+        save_intermediate_models=True,
+    )
+    sequence = list(STEPS)
+    if arguments.round_half_even:
+        sequence.insert(1, "step_round_half_to_even")
+        rounding = _load_bnfold_finn().step_round_half_to_even
+    result = {"model": name, "steps": {}, "furthest": "export", "stopped": ""}
+    for step in sequence:
+        function = rounding if step == "step_round_half_to_even" else getattr(steps, step)
+        try:
+            model = function(model, config)
+        except Exception as error:
+            result["stopped"] = f"{step}: {type(error).__name__}: {str(error).splitlines()[0]}"
+            if arguments.verbose:
+                traceback.print_exc()
+            break
+        result["furthest"] = step
+        # The partition step returns the partition alone; its parent computes the model.
+        parent = Path(config.output_dir) / "intermediate_models" / "dataflow_parent.onnx"
+        executed = wrapper(str(parent)) if step == STEPS[-1] else model
+        try:
+            difference = max_difference(executed, execute_onnx, inputs, expected, layouts)
+        except Exception as error:
+            difference = f"not executable ({type(error).__name__})"
+            if arguments.verbose:
+                traceback.print_exc()
+        result["steps"][step] = difference
+    if result["furthest"] == STEPS[-1]:
+        partitions = [n for n in model.graph.node if n.domain.startswith("finn.custom_op.fpga")]
+        result["partition_nodes"] = len(partitions)
+    return result
+
+
+def _order(values):
+    names = [tensor.name for tensor in values]
+    return lambda name: names.index(name) if name in names else len(names)
+
+
+# FINN's longer messages, shortened for the table.
+_ABBREVIATIONS = (
+    ("FINNUserError: Unsupported/unmapped layer(s) found in between FINN operators, ", ""),
+    ("Complete list of unmapped nodes:", "unmapped:"),
+)
+
+
+def _versions() -> str:
+    packages = ("finn-plus", "qonnx", "onnx", "onnxruntime")
+    return ", ".join(f"{p} {importlib.metadata.version(p)}" for p in packages)
+
+
+def table(results: list[dict], arguments) -> str:
+    short = {step: step.removeprefix("step_") for step in STEPS}
+    short["step_round_half_to_even"] = "round_half_to_even"
+    columns = [s for s in ("step_qonnx_to_finn", "step_round_half_to_even", *STEPS[1:])]
+    columns = [c for c in columns if any(c in r["steps"] for r in results)] or list(STEPS)
+    header = ["model", "furthest step", *(short[c] for c in columns), "stopped by"]
+    lines = [
+        f"check_finn.py, {datetime.date.today().isoformat()}: {_versions()}; "
+        f"channels_first={arguments.channels_first}, round_half_even={arguments.round_half_even}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+    ]
+    for result in results:
+        cells = [result["model"], short.get(result["furthest"], result["furthest"])]
+        for column in columns:
+            value = result["steps"].get(column, "")
+            cells.append(f"{value:g}" if isinstance(value, float) else str(value))
+        stopped = result["stopped"].replace("|", "/")
+        for long, short_text in _ABBREVIATIONS:
+            stopped = stopped.replace(long, short_text)
+        cells.append(stopped[:200])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=list(MODEL_NAMES), metavar="NAME")
+    parser.add_argument("--channels-first", action="store_true", help="export NCHW interfaces")
+    parser.add_argument(
+        "--round-half-even",
+        action="store_true",
+        help="add bnfold.finn.step_round_half_to_even after step_qonnx_to_finn",
+    )
+    parser.add_argument(
+        "--exporter",
+        # A venv made from the Python that has bnfold: that Python.
+        default=getattr(sys, "_base_executable", None) or "python3",
+        help="the Python with bnfold and TensorFlow that exports the models",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks")
+    arguments = parser.parse_args(argv)
+    finn = _load_finn()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="check_finn_") as directory:
+        for name in arguments.models:
+            results.append(check(name, arguments, finn, Path(directory)))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    print(table(results, arguments))
+    if arguments.json:
+        arguments.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
