@@ -341,3 +341,12 @@ def test_hls4ml_reads_standalone_batchnorm_and_gives_the_logits_bit_for_bit(tmp_
     hls4ml's default precision, which prepare_for_hls4ml widens for float parts."""
     predicted, _, logits = _hls4ml_predictions(builders.jet_softmax_batchnorm(), True, tmp_path)
     np.testing.assert_array_equal(predicted, logits)
+
+
+@pytest.mark.slow
+def test_hls4ml_reads_the_tutorial_cnn_with_its_float_dense_output(tmp_path):
+    """QConv2D + BatchNormalization blocks and a float Dense output layer: hls4ml computes
+    the float layers in the widened default precision (measured: logits within 2.8e-4)."""
+    predicted, _, logits = _hls4ml_predictions(builders.tutorial_cnn(), True, tmp_path)
+    assert np.max(np.abs(predicted - logits)) <= 2**-9
+    np.testing.assert_array_equal(predicted.argmax(-1), logits.argmax(-1))
