@@ -195,6 +195,20 @@ def test_source_quantizer_without_fixed_point_type_is_refused(source):
         accumulator_types(builders.sequential_conv(), [source])
 
 
+@pytest.mark.parametrize(
+    ("hls_type", "quantizer"),
+    [
+        ("ap_fixed<8,4>", "quantized_bits(8,3,0,1,alpha=1)"),
+        ("fixed<8,4>", "quantized_bits(8,3,0,1,alpha=1)"),
+        ("ap_ufixed<6,2>", "quantized_bits(6,2,0,0,alpha=1)"),
+        ("ufixed<6,2>", "quantized_bits(6,2,0,0,alpha=1)"),
+    ],
+)
+def test_source_quantizers_accept_hls4ml_types(hls_type, quantizer):
+    model = builders.sequential_conv()
+    assert accumulator_types(model, [hls_type]) == accumulator_types(model, [quantizer])
+
+
 def _float_input_model():
     inputs = keras.Input((5,))
     x = keras.layers.Activation("sigmoid", name="squash")(inputs)

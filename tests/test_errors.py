@@ -462,6 +462,25 @@ def test_folded_bias_beyond_its_quantizer_warns_and_exports_exactly(tmp_path, ca
     assert err.count("\n") == 1 and err.startswith("warning: A folded bias") and "'dense'" in err
 
 
+def test_plain_bias_beyond_its_quantizer_warns_without_saying_folded():
+    model = _dense_model(
+        qkeras.QDense(
+            3,
+            kernel_quantizer="quantized_bits(4,0,1,alpha=1)",
+            bias_quantizer="quantized_bits(4,1,1)",
+            name="plain",
+        ),
+        shape=(4,),
+    )
+    kernel, _ = model.get_layer("plain").get_weights()
+    model.get_layer("plain").set_weights([kernel, np.array([10, -10, 0], np.float32)])
+    with pytest.warns(RangeWarning) as warned:
+        bnfold.export_onnx(model, source_quantizers=builders.INPUT_QUANTIZER)
+    (message,) = [str(w.message) for w in warned if issubclass(w.category, RangeWarning)]
+    assert message.startswith("A bias should lie within its bias quantizer's range")
+    assert "folded" not in message and "layer='plain' with bias in [-10, 10]" in message
+
+
 def test_accumulator_over_32_bits_warns_naming_the_layer():
     model = _dense_model(
         qkeras.QDense(

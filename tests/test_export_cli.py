@@ -42,6 +42,24 @@ def test_writes_onnx_table_and_report(model_file, tmp_path, capsys):
     assert conv["accumulator_hls"].startswith("ap_fixed<")
 
 
+def test_hls4ml_input_type_exports_as_its_quantized_bits_and_prints_both(
+    model_file, tmp_path, capsys
+):
+    reports = {}
+    for quantizer in ("ap_fixed<8,4>", "quantized_bits(8,3,0,1,alpha=1)"):
+        reports[quantizer] = tmp_path / f"{len(reports)}.json"
+        output = tmp_path / f"{len(reports)}.onnx"
+        arguments = [str(model_file), "-o", str(output), "--report", str(reports[quantizer])]
+        assert main([*arguments, "--input-quantizer", quantizer]) == 0
+    printed = capsys.readouterr().out
+    layers = [json.loads(report.read_text())["layers"] for report in reports.values()]
+    assert layers[0] == layers[1]
+    assert layers[0][0]["activation"] == "quantized_bits(8,3,0,alpha=1)"
+    input_rows = [line.split()[1:] for line in printed.splitlines() if "InputLayer" in line]
+    both_forms = ["quantized_bits(8,3,0,alpha=1)", "(ap_fixed<8,4>)"]
+    assert input_rows == [["InputLayer", "-", "-", *both_forms, "-"]] * 2
+
+
 def test_default_output_is_model_with_onnx_suffix(model_file, capsys):
     assert main([str(model_file), "--no-verify"]) == 0
     assert model_file.with_suffix(".onnx").is_file()

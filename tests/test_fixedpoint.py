@@ -503,9 +503,9 @@ def test_from_hls_inverts_hls(fp):
     assert FixedPoint.from_hls(fp.hls()) == dataclasses.replace(fp, narrow=False)
 
 
-@pytest.mark.parametrize("text", ["fixed<8,4>", "ap_fixed<8>", "ap_fixed<8,4,AP_RND>", "8,4", ""])
+@pytest.mark.parametrize("text", ["ap_fixed<8>", "ap_fixed<8,4,AP_RND>", "fixed8,4>", "8,4", ""])
 def test_from_hls_refuses_other_strings(text):
-    with pytest.raises(ValueError, match="ap_fixed<W,I> or ap_ufixed<W,I>"):
+    with pytest.raises(ValueError, match="ap_fixed<W,I>, ap_ufixed<W,I>, fixed<W,I> or"):
         FixedPoint.from_hls(text)
 
 
@@ -888,6 +888,40 @@ def test_parse_reads_literals_exactly():
     assert as_quantizer(quantizer) is quantizer
 
 
+HLS_INPUT_TYPES = [
+    FixedPoint(8, 3, True),
+    FixedPoint(16, 5, True),
+    FixedPoint(2, 0, True),
+    FixedPoint(4, 6, True),
+    FixedPoint(8, 4, False),
+    FixedPoint(6, 0, False),
+    FixedPoint(1, 0, False),
+]
+
+
+@pytest.mark.parametrize("fp", HLS_INPUT_TYPES, ids=str)
+@pytest.mark.parametrize(
+    "spelling", [FixedPoint.hls, FixedPoint.hls4ml_precision], ids=["ap_fixed", "hls4ml"]
+)
+def test_parse_reads_hls_types_as_quantized_bits_on_the_same_grid(fp, spelling):
+    quantizer = parse_quantizer(spelling(fp))
+    assert type(quantizer) is quantizers.quantized_bits
+    assert FixedPoint.from_quantizer(quantizer) == fp
+    assert FixedPoint.from_quantizer(spelling(fp)) == fp
+    values = _grid_inputs(fp)
+    np.testing.assert_array_equal(_apply(quantizer, values), fp.quantize(values))
+
+
+def test_hls_type_integer_bits_count_the_sign():
+    signed = FixedPoint.from_quantizer("ap_fixed<8,4>")
+    assert (signed.min, signed.max, signed.step, signed.narrow) == (-8.0, 8 - 1 / 16, 1 / 16, False)
+    unsigned = FixedPoint.from_quantizer(" ufixed< 8 , 4 > ")
+    assert (unsigned.min, unsigned.max, unsigned.step) == (0.0, 16 - 1 / 16, 1 / 16)
+    assert parse_quantizer("fixed<8,4>").get_config() == (
+        quantizers.quantized_bits(8, 3, 0, 1, alpha=1).get_config()
+    )
+
+
 # ------------------------------------------------------------------ refusals
 
 
@@ -926,6 +960,11 @@ REFUSED = [
     pytest.param("ternary(alpha=2)", "alpha", id="ternary-alpha"),
     pytest.param("quantized_bits(4,0,1,alpha='auto_po2')", "allow_scale", id="auto_po2"),
     pytest.param({"class_name": "Dense", "config": {}}, "Dense", id="dict-unknown"),
+    pytest.param("ap_fixed<8,0>", "I >= 1", id="ap_fixed-sign-only"),
+    pytest.param("fixed<1,1>", "W >= 2", id="fixed-one-bit"),
+    pytest.param("ap_ufixed<4,-1>", "I >= 0", id="ap_ufixed-negative-integer"),
+    pytest.param("ap_fixed<0,0>", "W >= 2", id="ap_fixed-no-bits"),
+    pytest.param("ap_fixed<8,4,AP_RND,AP_SAT>", "'ap_fixed<8,4>'", id="ap_fixed-modes"),
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,11 +27,11 @@ from qonnx.util.cleanup import cleanup_model
 
 import bnfold
 import builders
-from bnfold.errors import ExportError
+from bnfold.errors import ExportError, UnsupportedLayerError
 from bnfold.export.__main__ import main
 from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
-from bnfold.hls4ml import hls4ml_config, prepare_for_hls4ml
+from bnfold.hls4ml import convert_from_keras_model, hls4ml_config, prepare_for_hls4ml
 from bnfold.keras import keras
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
@@ -350,3 +351,103 @@ def test_hls4ml_reads_the_tutorial_cnn_with_its_float_dense_output(tmp_path):
     predicted, _, logits = _hls4ml_predictions(builders.tutorial_cnn(), True, tmp_path)
     assert np.max(np.abs(predicted - logits)) <= 2**-9
     np.testing.assert_array_equal(predicted.argmax(-1), logits.argmax(-1))
+
+
+# ------------------------------------------------- the Keras route: convert_from_keras_model
+
+
+def _conv_depthwise_dense() -> tuple[keras.Model, list[str], list[np.ndarray]]:
+    """All three folded layer types, bias quantizers left for populate to fill."""
+    from bnfold.keras import qkeras
+
+    inputs = keras.Input((8, 8, 2), name="image")
+    x = qkeras.QConv2DBatchnorm(
+        4, 3, kernel_quantizer="quantized_bits(4,0,1,alpha=1)", bias_quantizer=None, name="conv"
+    )(inputs)
+    x = qkeras.QActivation("quantized_relu(4,2)", name="conv_relu")(x)
+    x = qkeras.QDepthwiseConv2DBatchnorm(
+        3, depthwise_quantizer="quantized_bits(4,0,1,alpha=1)", bias_quantizer=None, name="dw"
+    )(x)
+    x = qkeras.QActivation("quantized_relu(5,2)", name="dw_relu")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    outputs = bnfold.layers.QDenseBatchnorm(
+        5, kernel_quantizer="quantized_bits(6,0,1,alpha=1)", bias_quantizer=None, name="dense"
+    )(x)
+    model = builders.randomize_batchnorm(keras.Model(inputs, outputs), seed=3)
+    sources = [builders.INPUT_QUANTIZER]
+    extremes = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], 2)
+    return model, sources, [np.concatenate([builders.grid_inputs(model)[0], extremes[0]])]
+
+
+KERAS_ROUTE_MODELS = {
+    "conv_depthwise_dense": _conv_depthwise_dense,
+    "dense_autoencoder": lambda: golden("dense_autoencoder"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(KERAS_ROUTE_MODELS))
+def keras_route(request, tmp_path_factory):
+    """A model through bnfold.hls4ml.convert_from_keras_model, compiled once."""
+    model, sources, inputs = KERAS_ROUTE_MODELS[request.param]()
+    bias_quantizers = [str(layer.get_config().get("bias_quantizer")) for layer in model.layers]
+    keras_before = sys.modules.get("keras")
+    hls_model = convert_from_keras_model(
+        model,
+        sources,
+        output_dir=str(tmp_path_factory.mktemp(request.param) / "hls4ml_prj"),
+        backend="Vitis",
+        io_type="io_parallel",
+    )
+    hls_model.compile()
+    after = [str(layer.get_config().get("bias_quantizer")) for layer in model.layers]
+    # What hls4ml computes is the QKeras model with its empty bias quantizers populated.
+    populated = bnfold.populate_bias_quantizer_from_accumulator(model, sources)
+    return SimpleNamespace(
+        hls_model=hls_model,
+        inputs=inputs,
+        expected=populated.predict(inputs, verbose=0),
+        bias_quantizers=(bias_quantizers, after),
+        keras_before=keras_before,
+        accumulators=bnfold.accumulator_types(populated, sources),
+    )
+
+
+@pytest.mark.slow
+def test_keras_route_predicts_the_qkeras_outputs_bit_for_bit(keras_route):
+    predicted = keras_route.hls_model.predict(np.ascontiguousarray(keras_route.inputs[0]))
+    expected = keras_route.expected
+    np.testing.assert_array_equal(np.reshape(predicted, expected.shape), expected)
+
+
+@pytest.mark.slow
+def test_keras_route_accumulators_are_bnfolds_and_nothing_else_changed(keras_route):
+    convert = keras_route.hls_model.config.backend.convert_precision_string
+    layers = {layer.name: layer for layer in keras_route.hls_model.get_layers()}
+    for name, accumulator in keras_route.accumulators.items():
+        expected = convert(accumulator.hls4ml_precision())
+        assert layers[name].get_attr("accum_t").precision == expected, name
+    assert sys.modules.get("keras") is keras_route.keras_before
+
+
+@pytest.mark.slow
+def test_keras_route_leaves_the_model_unchanged(keras_route):
+    before, after = keras_route.bias_quantizers
+    assert before == after
+
+
+def test_keras_route_restores_keras_on_error_and_refuses_hls_config(folded_models, tmp_path):
+    keras_before = sys.modules.get("keras")
+    with pytest.raises(Exception, match=r"(?i)nosuchbackend"):
+        convert_from_keras_model(
+            folded_models["sequential_conv"], output_dir=str(tmp_path), backend="NoSuchBackend"
+        )
+    assert sys.modules.get("keras") is keras_before
+    with pytest.raises(TypeError, match="builds hls_config itself"):
+        convert_from_keras_model(folded_models["sequential_conv"], hls_config={})
+
+
+def test_keras_route_refuses_nested_models_naming_the_layer(folded_models, tmp_path):
+    keras_before = sys.modules.get("keras")
+    with pytest.raises(UnsupportedLayerError, match=r"top level.*layer='\w+/"):
+        convert_from_keras_model(folded_models["nested"], output_dir=str(tmp_path))
+    assert sys.modules.get("keras") is keras_before

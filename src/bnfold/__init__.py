@@ -11,7 +11,14 @@ first name that needs it.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# The one environment change bnfold makes. QKeras needs Keras 2, and TensorFlow 2.16
+# and later put Keras 3 behind tf.keras unless this is set when tf.keras is first
+# touched. Set on import, not with the first name: scripts write `import bnfold` and
+# then `import qkeras` (which touches tf.keras) before they use any bnfold name.
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 __version__ = "0.1.0"
 
@@ -24,6 +31,7 @@ _PUBLIC = {
     "FixedPoint": "bnfold.fixedpoint",
     "export_onnx": "bnfold.export.pipeline",
     "hls4ml_config": "bnfold.hls4ml",
+    "use_in_qkeras": "bnfold.drop_in",
 }
 _SUBMODULES = ("layers",)
 

@@ -74,8 +74,9 @@ class FloatModelWarning(BnfoldWarning):
 class RangeWarning(BnfoldWarning):
     """A number the hardware types will not hold as the float model does.
 
-    Issued for a folded bias beyond its bias quantizer's range (QKeras clips it,
-    and the export keeps the clipped values), and for an accumulator wider than
+    Issued for a bias beyond its bias quantizer's range (QKeras clips it, and the
+    export keeps the clipped values; the message says "folded bias" for the bias of
+    a folded layer), and for an accumulator wider than
     32 bits (more than the 32-bit integer many hardware kernels accumulate in).
     """
 

@@ -68,7 +68,8 @@ _QKERAS_QUANTIZERS = frozenset(
     }
 )
 
-_AP_FIXED = re.compile(r"ap_(u?)fixed<\s*(\d+)\s*,\s*(-?\d+)\s*>")
+# hls4ml's types: ap_fixed<W,I> in C++, fixed<W,I> in its configuration; I counts the sign.
+_HLS_TYPE = re.compile(r"(?:ap_)?(u?)fixed<\s*(\d+)\s*,\s*(-?\d+)\s*>")
 
 _SUPPORTED = (
     "quantized_bits (alpha None or 1), quantized_relu (use_sigmoid 0, negative_slope 0), "
@@ -459,21 +460,24 @@ class FixedPoint:
     def from_hls(cls, text: str) -> FixedPoint:
         """The type an ``ap_fixed<W,I>`` or ``ap_ufixed<W,I>`` string names; inverts :meth:`hls`.
 
-        ``ap_fixed`` has no narrow form, so the type is full-range.
+        hls4ml's configuration spellings ``fixed<W,I>`` and ``ufixed<W,I>`` (without modes,
+        as :meth:`hls4ml_precision` writes them by default) mean the same. ``ap_fixed``
+        has no narrow form, so the type is full-range.
 
         Args:
-            text: An ``ap_fixed``/``ap_ufixed`` type without modes, as bnfold writes it.
+            text: An ``ap_fixed``/``ap_ufixed``/``fixed``/``ufixed`` type without modes.
 
         Returns:
-            The ``FixedPoint`` whose :meth:`hls` is ``text``.
+            The ``FixedPoint`` whose :meth:`hls` is ``text`` with the ``ap_`` prefix.
 
         Raises:
             ValueError: If ``text`` is not such a type.
         """
-        match = _AP_FIXED.fullmatch(text.strip())
+        match = _HLS_TYPE.fullmatch(text.strip())
         if match is None:
             raise ValueError(
-                f"An hls type must read ap_fixed<W,I> or ap_ufixed<W,I>. Received: {text!r}"
+                "An hls type must read ap_fixed<W,I>, ap_ufixed<W,I>, fixed<W,I> or "
+                f"ufixed<W,I>. Received: {text!r}"
             )
         unsigned, bits, integer = match.groups()
         signed = not unsigned
@@ -550,6 +554,11 @@ def parse_quantizer(text: str, *, layer: str | None = None) -> Any:
     Accepts a call of a QKeras quantizer class with literal arguments, such as
     ``"quantized_bits(4,0,1,alpha='auto_po2')"``, or a bare class name (``"binary"``).
     Unlike QKeras's own parser it reads ``None`` as None and rejects unquoted strings.
+    Also accepts an hls4ml type as hls4ml users write input types, ``ap_fixed<W,I>``,
+    ``ap_ufixed<W,I>``, ``fixed<W,I>`` or ``ufixed<W,I>`` (``I`` counts the sign bit),
+    as the ``quantized_bits`` with the same grid: ``ap_fixed<8,4>`` is
+    ``quantized_bits(8,3,0,1,alpha=1)`` (not narrow), ``ap_ufixed<8,4>`` is
+    ``quantized_bits(8,4,0,0,alpha=1)``.
 
     Args:
         text: The quantizer string.
@@ -563,6 +572,8 @@ def parse_quantizer(text: str, *, layer: str | None = None) -> Any:
             QKeras quantizer, or QKeras rejects the arguments.
     """
     context = _Context(repr(text), layer)
+    if _HLS_TYPE.fullmatch(text.strip()):
+        return _hls_type_quantizer(text, context)
     try:
         tree = ast.parse(text.strip(), mode="eval").body
     except SyntaxError:
@@ -572,7 +583,7 @@ def parse_quantizer(text: str, *, layer: str | None = None) -> Any:
     if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)):
         raise context.error(
             "A quantizer string must be a QKeras quantizer call with literal arguments, "
-            "such as 'quantized_bits(4,0,1)'"
+            "such as 'quantized_bits(4,0,1)', or an hls4ml type such as 'ap_fixed<8,4>'"
         )
     name = tree.func.id
     if name not in _QKERAS_QUANTIZERS:
@@ -589,6 +600,21 @@ def parse_quantizer(text: str, *, layer: str | None = None) -> Any:
             "Quantizer arguments must be literals (numbers, quoted strings, True, False, None)"
         ) from exc
     return _instantiate(name, args, kwargs, context)
+
+
+def _hls_type_quantizer(text: str, context: _Context) -> Any:
+    """The ``quantized_bits`` whose grid is the hls4ml type ``text``; see :func:`parse_quantizer`.
+
+    QKeras 0.9.0 cannot apply a negative ``integer`` and reads 1 signed bit as sign(x).
+    """
+    unsigned, bits, integer = _HLS_TYPE.fullmatch(text.strip()).groups()
+    least_bits, least_integer = (1, 0) if unsigned else (2, 1)
+    if int(bits) < least_bits or int(integer) < least_integer:
+        raise context.error(
+            "An hls4ml type is read as a QKeras quantized_bits, which needs W >= 2 and I >= 1 "
+            "for ap_fixed<W,I> and fixed<W,I>, W >= 1 and I >= 0 for ap_ufixed and ufixed"
+        )
+    return FixedPoint.from_hls(text).to_quantizer()
 
 
 def as_quantizer(quantizer: Any, *, layer: str | None = None) -> Any:

@@ -2,25 +2,35 @@
 
 QKeras is written for Keras 2. TensorFlow 2.16 and later resolve ``tf.keras``
 to Keras 3 unless ``TF_USE_LEGACY_KERAS=1`` is set when ``tf.keras`` is first
-touched, so this module sets it before importing TensorFlow. Every other bnfold
-module takes TensorFlow, Keras and QKeras from here.
+touched; ``bnfold/__init__.py``, which runs before this module, sets it. Every
+other bnfold module takes TensorFlow, Keras and QKeras from here.
+
+Whether that worked is decided by ``tf.keras``'s classes, never by its module
+name: once QKeras has imported ``tensorflow.keras``, ``tf.keras.__name__`` reads
+``tensorflow.keras`` whichever Keras is behind it. Any import order works as long
+as TensorFlow was not imported before the variable was set.
 """
 
 from __future__ import annotations
 
-import os
-
-# The one environment change bnfold makes; see the module docstring.
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import importlib
 
 import tensorflow as tf
 
-if not tf.keras.__name__.startswith("tf_keras"):
+# TensorFlow resolves tf.keras twice: the attribute when it is first touched, and
+# `import tensorflow.keras` (QKeras's way in) from a path fixed when TensorFlow itself was
+# imported. Both must give tf_keras's classes.
+if not all(
+    keras_module.Model.__module__.startswith("tf_keras.")
+    for keras_module in (tf.keras, importlib.import_module("tensorflow.keras"))
+):
     raise ImportError(
         "bnfold needs TensorFlow's legacy Keras 2 (tf_keras) behind tf.keras, because QKeras "
-        "does not work with Keras 3. TensorFlow was imported and tf.keras resolved to "
-        f"{tf.keras.__name__!r} before bnfold was imported. Import bnfold first, or set "
-        "TF_USE_LEGACY_KERAS=1 in the environment before starting Python."
+        "does not work with Keras 3. TensorFlow was imported without TF_USE_LEGACY_KERAS=1 "
+        "before bnfold, so tf.keras is Keras 3 (its Model class comes from "
+        f"{importlib.import_module('tensorflow.keras').Model.__module__!r}). Set "
+        "TF_USE_LEGACY_KERAS=1 in the environment before starting Python (QKeras needs it "
+        "too), or import bnfold before TensorFlow and QKeras."
     )
 
 import qkeras

@@ -35,8 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="Q",
         dest="input_quantizers",
-        help="the quantizer of a model input, e.g. 'quantized_bits(8,3,1)'; once per input, "
-        "in order; 'float' for an unquantized input (default: quantized_bits(8,0,1) for each)",
+        help="the quantizer of a model input, e.g. 'quantized_bits(8,3,1)', or its hls4ml type, "
+        "e.g. 'ap_fixed<8,4>' (I counts the sign bit, as in hls4ml); once per input, in "
+        "order; 'float' for an unquantized input (default: quantized_bits(8,0,1) for each)",
     )
     parser.add_argument("--opset", type=int, default=13, help="ONNX opset (default 13, max 18)")
     parser.add_argument(
@@ -89,12 +90,24 @@ def _layer_table(layers: list[dict[str, Any]]) -> str:
         "accumulator_hls",
     )
     headers = ("layer", "class", "kernel", "bias", "activation", "accumulator")
-    rows = [headers] + [tuple(str(row.get(c) or "-") for c in columns) for row in layers]
+    rows = [headers] + [tuple(_cell(row, c) for c in columns) for row in layers]
     widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    """A table cell; an input's type in both forms, for hls4ml users who think in ap_fixed."""
+    value = row.get(column)
+    if not value:
+        return "-"
+    if column == "activation" and row["class"] == "InputLayer":
+        from bnfold.fixedpoint import FixedPoint
+
+        return f"{value} ({FixedPoint.from_quantizer(value).hls()})"
+    return str(value)
 
 
 def _progress(enabled: bool) -> Any:

@@ -190,7 +190,7 @@ def export_onnx(
 
     Warns:
         bnfold.errors.BnfoldWarning: ``FloatModelWarning`` as above; ``RangeWarning``
-            for a folded bias its quantizer clips, or an accumulator over 32 bits;
+            for a bias (folded or not) its quantizer clips, or an accumulator over 32 bits;
             ``UntypedAccumulatorWarning`` naming each MAC layer without an accumulator
             type (a float input or kernel); ``InputQuantizerWarning`` for an input
             given QKeras's default quantizer.

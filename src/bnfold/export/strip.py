@@ -33,7 +33,7 @@ from bnfold.accumulator import (
 )
 from bnfold.errors import QuantizerError, UnsupportedLayerError, UnsupportedShapeError
 from bnfold.fixedpoint import FixedPoint
-from bnfold.folding import constructor_arguments
+from bnfold.folding import constructor_arguments, folded_layer_type
 from bnfold.graph import iter_layers, propagate
 from bnfold.keras import keras, tf
 from bnfold.layer_table import layer_spec, mac_layer_type
@@ -467,14 +467,17 @@ def strip(
 
     Warns:
         UntypedAccumulatorWarning: naming each MAC layer without an accumulator type.
-        RangeWarning: a folded bias beyond its quantizer's range, or an accumulator
-            wider than 32 bits.
+        RangeWarning: a bias (folded or not) beyond its quantizer's range, or an
+            accumulator wider than 32 bits.
     """
     specs = [_input_spec(tensor, batch_size) for tensor in model.inputs]
     types = infer_types(model, source_quantizers, strict=strict and quantized)
     if quantized:
         warn_untyped(types.macs)
-    warn_unrepresentable(types.macs)
+    folded_layers = list(iter_layers(folded)) if folded is not None else []
+    warn_unrepresentable(
+        types.macs, folded=[path for path, layer in folded_layers if folded_layer_type(layer)]
+    )
     stripper = _Stripper(types, per_channel_scales, quantized)
     inputs, starts = [], []
     for tensor, spec, quantizer in zip(model.inputs, specs, source_quantizers, strict=True):
@@ -489,7 +492,7 @@ def strip(
         stripper.layers[name].activation = quant.quantizer
         starts.append(stripper.point(placeholder, name, "input", quant, relu=False))
     outputs = propagate(model, starts, stripper.visit)
-    for path, layer in iter_layers(folded) if folded is not None else ():
+    for path, layer in folded_layers:
         if path in stripper.layers:
             stripper.layers[path].class_name = type(layer).__name__
     float_model = keras.Model(inputs, outputs, name=f"{model.name}_float")
