@@ -7,10 +7,15 @@ existing output file stays as it was, and no other file appears.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
+import subprocess
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -22,6 +27,7 @@ import bnfold
 import bnfold.errors
 import bnfold.export.pipeline
 import builders
+from bnfold.__main__ import main as unfold_main
 from bnfold.errors import (
     BnfoldError,
     BnfoldWarning,
@@ -29,15 +35,21 @@ from bnfold.errors import (
     FloatModelWarning,
     InvalidWeightsError,
     ModelFileError,
+    ModelTooLargeError,
     OutputPathError,
     QuantizerError,
     RangeWarning,
+    UnsafeModelError,
     UnsupportedShapeError,
 )
 from bnfold.export.__main__ import main
 from bnfold.keras import keras, qkeras
 
 PREVIOUS = b"the previous export"
+# The file a hostile model's code creates if it ever runs, and the module a hostile
+# model names (see test_module_in_the_working_directory_is_never_imported).
+MARKER = "payload_ran"
+MARKER_MODULE = "bnfold_payload"
 
 
 class Mystery(keras.layers.Layer):
@@ -69,13 +81,128 @@ def _dense_model(*layers: keras.layers.Layer, shape: tuple[int | None, ...] = (6
     return keras.Sequential([keras.Input(shape), *layers])
 
 
+def _replace_kernel(source: Path, path: Path, make) -> Path:
+    """A copy of ``source`` whose 'dense' kernel dataset is ``make(its shape)``."""
+    path.write_bytes(source.read_bytes())
+    with h5py.File(path, "r+") as file:
+        names = []
+        file.visit(names.append)
+        name = next(n for n in names if "/dense/" in n and n.endswith("/kernel:0"))
+        shape = file[name].shape
+        del file[name]
+        file[name] = make(shape)
+    return path
+
+
+def _edit_config(source: Path, path: Path, edit) -> Path:
+    """A copy of the .h5 or .keras model file ``source`` whose configuration ``edit`` changed."""
+    if source.suffix == ".keras":
+        with zipfile.ZipFile(source) as original, zipfile.ZipFile(path, "w") as edited:
+            for item in original.infolist():
+                data = original.read(item)
+                if item.filename == "config.json":
+                    data = json.dumps(edit(json.loads(data))).encode()
+                edited.writestr(item, data)
+        return path
+    path.write_bytes(source.read_bytes())
+    with h5py.File(path, "r+") as file:
+        file.attrs["model_config"] = json.dumps(edit(json.loads(file.attrs["model_config"])))
+    return path
+
+
+def _layer(config: dict, name: str) -> dict:
+    return next(layer for layer in config["config"]["layers"] if layer["config"]["name"] == name)
+
+
+def _set_field(layer: str, key: str, value):
+    def edit(config):
+        _layer(config, layer)["config"][key] = value
+        return config
+
+    return edit
+
+
+def _import_module(module: str):
+    """An edit that makes the model's class come from ``module``, which Keras imports to find it."""
+
+    def edit(config):
+        return {**config, "module": module, "class_name": "Payload", "registered_name": None}
+
+    return edit
+
+
+def _model_only_file(path: Path, config: dict) -> Path:
+    """An HDF5 file with a model configuration and no weights, as a hostile file can be."""
+    with h5py.File(path, "w") as file:
+        file.attrs["model_config"] = json.dumps(config)
+        file.attrs["keras_version"] = "2.21.0"
+        file.attrs["backend"] = "tensorflow"
+    return path
+
+
+def _relu(name: str) -> dict:
+    return {"class_name": "ReLU", "config": {"name": name}}
+
+
+def _chain(count: int) -> dict:
+    """A Sequential configuration of ``count`` ReLU layers."""
+    inputs = {"class_name": "InputLayer", "config": {"batch_input_shape": [None, 4], "name": "in"}}
+    layers = [inputs] + [_relu(f"relu{i}") for i in range(count)]
+    return {"class_name": "Sequential", "config": {"name": "chain", "layers": layers}}
+
+
+def _one_conv(input_shape: list[int], filters: int) -> dict:
+    """A Sequential configuration: an input of ``input_shape``, one 3x3 QConv2D."""
+    conv = {
+        "class_name": "QConv2D",
+        "config": {
+            "name": "conv",
+            "filters": filters,
+            "kernel_size": [3, 3],
+            "kernel_quantizer": "quantized_bits(4,0,1)",
+        },
+    }
+    inputs = {"class_name": "InputLayer", "config": {"batch_input_shape": [None, *input_shape]}}
+    return {"class_name": "Sequential", "config": {"name": "huge", "layers": [inputs, conv]}}
+
+
+def _nested(depth: int) -> dict:
+    """Sequential models nested ``depth`` deep around one ReLU."""
+    config = _relu("relu")
+    for level in range(depth):
+        inputs = {
+            "class_name": "InputLayer",
+            "config": {"batch_input_shape": [None, 4], "name": f"input{level}"},
+        }
+        config = {
+            "class_name": "Sequential",
+            "config": {"name": f"level{level}", "layers": [inputs, config]},
+        }
+    return config
+
+
+def _payload_lambda(marker: Path) -> keras.layers.Layer:
+    """A Lambda layer whose stored bytecode creates ``marker`` when it runs."""
+    return keras.layers.Lambda(
+        lambda x, marker=str(marker): (open(marker, "w").close(), x)[1], name="payload"
+    )
+
+
+def _hostile_model(marker: Path) -> keras.Model:
+    model = _dense_model(
+        qkeras.QDense(3, kernel_quantizer="quantized_bits(4,0,1)", name="dense"),
+        _payload_lambda(marker),
+    )
+    return model
+
+
 @pytest.fixture(scope="module")
 def valid_file(tmp_path_factory, folded_models) -> Path:
     return _save(folded_models["sequential_conv"], tmp_path_factory.mktemp("valid") / "conv.h5")
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, valid_file) -> dict[str, Path]:
+def bad_inputs(tmp_path_factory, valid_file, folded_models) -> dict[str, Path]:
     """One file per kind of bad input (built once; tests never change them)."""
     folder = tmp_path_factory.mktemp("bad")
     (folder / "folder.h5").mkdir()
@@ -85,6 +212,13 @@ def bad_inputs(tmp_path_factory, valid_file) -> dict[str, Path]:
     with h5py.File(folder / "data.h5", "w") as file:
         file["x"] = [1.0, 2.0]
     quantized_dense = qkeras.QDense(3, kernel_quantizer="quantized_bits(4,0,1)", name="dense")
+    marker = folder / MARKER
+    hostile = _hostile_model(marker)
+    for path in (folder / "lambda.h5", folder / "lambda.keras", folder / "lambda_savedmodel"):
+        hostile.save(path)
+    keras_file = folder / "conv.keras"
+    folded_models["sequential_conv"].save(keras_file)
+    marker.unlink()  # building the model ran the payload once
     return {
         "missing": folder / "missing.h5",
         "directory": folder / "folder.h5",
@@ -127,6 +261,48 @@ def bad_inputs(tmp_path_factory, valid_file) -> dict[str, Path]:
             ),
             folder / "spatial.h5",
         ),
+        "lambda_h5": folder / "lambda.h5",
+        "lambda_keras": folder / "lambda.keras",
+        "lambda_savedmodel": folder / "lambda_savedmodel",
+        "module_import": _edit_config(
+            keras_file,
+            folder / "module.keras",
+            _import_module(MARKER_MODULE),
+        ),
+        "unparseable_quantizer": _edit_config(
+            valid_file,
+            folder / "nested_call.h5",
+            _set_field("relu", "activation", "quantized_relu(4,1,negative_slope=abs(-1))"),
+        ),
+        "unknown_quantizer": _edit_config(
+            valid_file,
+            folder / "unknown_quantizer.h5",
+            _set_field("relu", "activation", "quantised_relu(4,1)"),
+        ),
+        "absurd_bits": _edit_config(
+            valid_file,
+            folder / "absurd_bits.h5",
+            _set_field("relu", "activation", "quantized_relu(100000000,3)"),
+        ),
+        "absurd_integer": _edit_config(
+            keras_file,
+            folder / "absurd_integer.keras",
+            _set_field(
+                "conv",
+                "kernel_quantizer",
+                {"class_name": "quantized_bits", "config": {"bits": 4, "integer": 999999999999}},
+            ),
+        ),
+        "byte_string_kernel": _replace_kernel(
+            valid_file, folder / "bytes.h5", lambda shape: np.full(shape, b"0.5", dtype="S3")
+        ),
+        "wrong_kernel_shape": _replace_kernel(
+            valid_file, folder / "shape.h5", lambda shape: np.zeros((shape[0] + 1, shape[1]))
+        ),
+        "long_chain": _model_only_file(folder / "chain.h5", _chain(2000)),
+        "huge_input": _model_only_file(folder / "huge_input.h5", _one_conv([65536, 65536, 1], 2)),
+        "huge_filters": _model_only_file(folder / "huge_filters.h5", _one_conv([8, 8, 3], 10**8)),
+        "deep_nesting": _model_only_file(folder / "nesting.h5", _nested(200)),
     }
 
 
@@ -137,7 +313,7 @@ EXPECTED = {
     "not_hdf5": (ModelFileError, r"HDF5 file or a .keras zip archive.*text.h5' is neither"),
     "truncated": (ModelFileError, r"truncated.h5' is truncated \(20000 of its \d+ bytes\)"),
     "no_model": (ModelFileError, r"whole Keras model.*data.h5' has no model config"),
-    "custom_layer": (ModelFileError, r"custom.h5' uses unknown layer class 'Mystery'"),
+    "custom_layer": (UnsafeModelError, r"custom.h5' with layer='mystery'.*class 'Mystery'"),
     "ulaw": (QuantizerError, r"quantized_bits .*quantized_relu.*layer='ulaw'.*quantized_ulaw"),
     "stochastic_binary": (QuantizerError, r"stochastic_binary has no fixed-point.*'coin'"),
     "negative_variance": (InvalidWeightsError, r"variance must not be negative.*'conv'"),
@@ -152,7 +328,55 @@ EXPECTED = {
         UnsupportedShapeError,
         r"dimension but the batch to be known.*\(batch, None, None, 3\)",
     ),
+    "lambda_h5": (UnsafeModelError, r"lambda.h5' with layer='payload', a Lambda layer"),
+    "lambda_keras": (UnsafeModelError, r"lambda.keras' with layer='payload', a Lambda layer"),
+    "lambda_savedmodel": (UnsafeModelError, r"savedmodel' with layer='payload', a Lambda layer"),
+    "module_import": (
+        UnsafeModelError,
+        r"module.keras' with layer='sequential_conv', which makes Keras import module "
+        r"'bnfold_payload'",
+    ),
+    "unparseable_quantizer": (
+        QuantizerError,
+        r"must be literals.*layer='relu'.*negative_slope=abs\(-1\).*nested_call.h5",
+    ),
+    "unknown_quantizer": (
+        QuantizerError,
+        r"'quantised_relu' is not one.*layer='relu'.*unknown_quantizer.h5",
+    ),
+    "absurd_bits": (
+        QuantizerError,
+        r"1 to 64 bits \(got 100000000\).*layer='relu'.*absurd_bits.h5",
+    ),
+    "absurd_integer": (
+        QuantizerError,
+        r"within float32.*integer=999999999999.*layer='conv'.*absurd_integer.keras",
+    ),
+    "byte_string_kernel": (
+        ModelFileError,
+        r"weights must be numbers.*bytes.h5' whose dataset '.*dense/kernel:0' holds \|S3",
+    ),
+    "wrong_kernel_shape": (
+        ModelFileError,
+        r"shape.h5.*dense/kernel:0.*Shape mismatch.*\(192, 5\).*\(193, 5\)",
+    ),
+    "long_chain": (ModelTooLargeError, r"at most 1000 layers.*MAX_LAYERS.*chain.h5"),
+    "huge_input": (
+        ModelTooLargeError,
+        r"memory limit.*huge_input.h5' needing about [\d.]+ TB; its largest layer 'conv' has",
+    ),
+    "huge_filters": (
+        ModelTooLargeError,
+        r"memory limit.*huge_filters.h5' needing about .* 'conv' has 25.6 GB of weights",
+    ),
+    "deep_nesting": (
+        ModelTooLargeError,
+        r"nested at most 8 deep.*nesting.h5' whose model 'level190' is nested 9 deep",
+    ),
 }
+# The cases that fail while the model loads, before any export stage.
+LOAD_CASES = [case for case, (error, _) in EXPECTED.items() if issubclass(error, ModelFileError)]
+LOAD_CASES += ["unparseable_quantizer", "unknown_quantizer", "absurd_bits", "absurd_integer"]
 
 
 @pytest.fixture
@@ -192,6 +416,7 @@ def test_bad_input_raises_one_named_error_and_keeps_output(bad_inputs, output, c
         bnfold.export_onnx(bad_inputs[case], output, source_quantizers=builders.INPUT_QUANTIZER)
     assert "\n" not in str(raised.value)
     assert _untouched(output)
+    assert not (bad_inputs[case].parent / MARKER).exists()
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
@@ -200,6 +425,70 @@ def test_bad_input_on_the_command_line_is_one_line_exit_1(bad_inputs, output, ca
     assert code == 1 and out == ""
     assert bad_inputs[case].name in _one_error_line(err)
     assert _untouched(output)
+    assert not (bad_inputs[case].parent / MARKER).exists()
+
+
+@pytest.mark.parametrize("case", LOAD_CASES)
+def test_bad_input_to_unfold_is_one_line_exit_1(bad_inputs, tmp_path, capsys, case):
+    output = tmp_path / "unfolded.h5"
+    code = unfold_main(["unfold", str(bad_inputs[case]), "-o", str(output)])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert bad_inputs[case].name in _one_error_line(captured.err)
+    assert list(tmp_path.iterdir()) == []
+    assert not (bad_inputs[case].parent / MARKER).exists()
+
+
+def test_memory_limit_is_set_by_max_memory(valid_file, tmp_path, capsys):
+    """The declared sizes of the issue's 10**7-filter file against an 8 GB limit; a real model
+    against a tiny one."""
+    path = _model_only_file(tmp_path / "filters.h5", _one_conv([8, 8, 3], 10**7))
+    with pytest.raises(ModelTooLargeError, match=r"limit of 8.59 GB.*'conv' has 2.\d+ GB"):
+        bnfold.load_model(path, max_memory=8 << 30)
+    with pytest.raises(ModelTooLargeError, match=r"limit of 1.02 kB.*conv.h5"):
+        bnfold.export_onnx(valid_file, max_memory=1 << 10)
+    for command, main_function in ((["unfold"], unfold_main), ([], main)):
+        code = main_function(
+            [*command, str(valid_file), "-o", str(tmp_path / "x.onnx"), "--max-memory", "1K"]
+        )
+        assert code == 1 and "limit of 1.02 kB" in _one_error_line(capsys.readouterr().err)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["filters.h5"]
+
+
+@pytest.mark.parametrize("size", ["lots", "-1G", "0"])
+def test_unreadable_max_memory_is_a_usage_error(valid_file, capsys, size):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(valid_file), f"--max-memory={size}"])
+    assert exit_info.value.code == 2
+    assert "memory size" in capsys.readouterr().err
+
+
+def test_unsafe_load_runs_the_code_of_a_file_the_user_trusts(bad_inputs, tmp_path):
+    marker = bad_inputs["lambda_h5"].parent / MARKER
+    try:
+        model = bnfold.load_model(bad_inputs["lambda_h5"], safe=False)
+        assert model.get_layer("payload").__class__.__name__ == "Lambda"
+        assert marker.exists()
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def test_module_in_the_working_directory_is_never_imported(bad_inputs, tmp_path):
+    """``python -m`` puts the working directory on the import path; loading takes it off."""
+    (tmp_path / f"{MARKER_MODULE}.py").write_text(f"open({MARKER!r}, 'w').close()\n")
+    environment = dict(os.environ, PYTHONPATH=str(Path(bnfold.__file__).parent.parent))
+    for extra in ([], ["--unsafe-load"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "bnfold.export", str(bad_inputs["module_import"]), *extra],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=300,
+        )
+        assert done.returncode == 1, done.stderr
+        assert MARKER_MODULE in _one_error_line(done.stderr)
+        assert sorted(path.name for path in tmp_path.iterdir()) == [f"{MARKER_MODULE}.py"]
 
 
 def test_truncations_at_several_points_each_fail_cleanly(valid_file, output, capsys):
@@ -338,6 +627,45 @@ def test_unwritable_output_fails_before_any_stage(
     assert model.read_bytes() == valid_file.read_bytes()
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a full tmpfs (needs root)."""
+    directory = tmp_path / "full"
+    directory.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    with contextlib.suppress(OSError), (directory / "filler").open("wb") as filler:
+        filler.write(b"\0" * (64 << 10))  # fills it: not one more block
+    yield directory
+    subprocess.run(["umount", str(directory)], check=True)
+
+
+FULL_DISK = r"must be written in full.*No space left on device"
+QUANTIZER = builders.INPUT_QUANTIZER
+
+
+def test_full_disk_is_one_output_error_leaving_nothing(valid_file, full_disk, tmp_path, capsys):
+    onnx_file = full_disk / "model.onnx"
+    with pytest.raises(OutputPathError, match=rf"{FULL_DISK}"):
+        bnfold.export_onnx(valid_file, onnx_file, source_quantizers=builders.INPUT_QUANTIZER)
+    for arguments in (
+        ["-o", onnx_file],
+        ["-o", tmp_path / "model.onnx", "--report", full_disk / "report.json"],
+        ["-o", tmp_path / "model.onnx", "--hls4ml-config", full_disk / "hls4ml.yml"],
+    ):
+        code, _, err = _cli(capsys, valid_file, *arguments, "--input-quantizer", QUANTIZER)
+        assert code == 1 and re.search(FULL_DISK, _one_error_line(err)), err
+    for name in ("unfolded.h5", "unfolded.keras"):
+        code = unfold_main(["unfold", str(valid_file), "-o", str(full_disk / name)])
+        assert code == 1 and re.search(FULL_DISK, _one_error_line(capsys.readouterr().err))
+    assert [path.name for path in full_disk.iterdir()] == ["filler"]
+
+
 def test_unwritable_report_path_fails_before_writing_the_onnx(valid_file, tmp_path, capsys):
     output = tmp_path / "model.onnx"
     code, _, err = _cli(capsys, valid_file, "-o", output, "--report", tmp_path / "no" / "r.json")
@@ -361,7 +689,7 @@ def _fail_with(error: Exception):
         ("convert", "convert", KeyError("tf2onnx internals")),
         ("annotate", "annotate", ValueError("unexpected graph")),
         ("verify", "verify_outputs", RuntimeError("executor broke")),
-        ("write", "onnx.save", OSError(errno.ENOSPC, "No space left on device")),
+        ("write", "onnx.save", ValueError("serializer broke")),
     ],
     ids=["convert", "annotate", "verify", "write"],
 )

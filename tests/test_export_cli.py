@@ -90,7 +90,15 @@ def test_usage_error_exits_2():
     assert exit_info.value.code == 2
 
 
-@pytest.mark.parametrize("quantizer", ["quantized_bits(8,", "fancy_bits(8,0,1)"])
+@pytest.mark.parametrize(
+    "quantizer",
+    [
+        "quantized_bits(8,",
+        "fancy_bits(8,0,1)",
+        "quantized_bits(100000000,3,1)",
+        "quantized_relu(8,999)",
+    ],
+)
 def test_unreadable_input_quantizer_is_a_usage_error(model_file, tmp_path, capsys, quantizer):
     output = tmp_path / "out.onnx"
     with pytest.raises(SystemExit) as exit_info:

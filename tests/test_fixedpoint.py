@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -227,6 +228,34 @@ def test_binary_and_ternary_outputs_are_held(text, expected, levels):
     assert set(np.unique(outputs)) == levels
     assert fp.contains(outputs)
     assert fp.min == min(levels) and fp.max == max(levels)  # tight on both sides
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("quantized_bits(100000000,3,1)", r"1 to 64 bits \(got 100000000\)"),
+        ("quantized_bits(0,0,1)", r"1 to 64 bits \(got 0\)"),
+        ("quantized_relu(65,4)", r"1 to 64 bits \(got 65\)"),
+        ("quantized_po2(100000)", r"1 to 64 bits \(got 100000\)"),
+        ("quantized_bits(8,999999999999,1)", r"within float32.*integer=999999999999"),
+        ("quantized_relu(8,128)", r"within float32.*integer=128"),
+        ("quantized_bits(64,-90,1)", r"within float32.*integer=-90"),
+        ("ap_fixed<100000,3>", r"1 to 64 bits \(got 100000\)"),
+        ("fixed<16,999>", r"within float32.*integer=998"),
+    ],
+)
+def test_absurd_widths_are_quantizer_errors_naming_the_string(text, pattern):
+    with pytest.raises(QuantizerError, match=rf"{pattern}.*layer='q'.*{re.escape(text)}"):
+        FixedPoint.from_quantizer(text, layer="q")
+
+
+def test_absurd_widths_of_quantizer_objects_and_configs_are_refused():
+    config = {"class_name": "quantized_bits", "config": {"bits": 4, "integer": 200}}
+    with pytest.raises(QuantizerError, match=r"within float32.*integer=200"):
+        as_quantizer(config, layer="q")
+    with pytest.raises(QuantizerError, match=r"1 to 64 bits \(got 80\)"):
+        FixedPoint.from_quantizer(quantizers.quantized_bits(80, 3, 1))
+    assert FixedPoint.from_quantizer("quantized_bits(64,127,1)") == FixedPoint(64, 127, True, True)
 
 
 # ------------------------------------------------------------------ per-channel scales

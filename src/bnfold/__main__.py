@@ -9,7 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from bnfold.cli import import_tensorflow_quietly, report_failure, warnings_as_lines
+from bnfold.cli import (
+    add_loading_options,
+    import_tensorflow_quietly,
+    report_failure,
+    warnings_as_lines,
+)
 
 
 def _describe(model, unfolded) -> list[str]:
@@ -32,7 +37,7 @@ def _describe(model, unfolded) -> list[str]:
 
 def _unfold(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
-    from bnfold.files import atomic_output, check_output_path
+    from bnfold.files import check_output_path, save_keras_model
     from bnfold.loading import load_model
     from bnfold.unfold import unfold_model
 
@@ -41,10 +46,9 @@ def _unfold(args: argparse.Namespace) -> int:
     try:
         with warnings_as_lines():
             check_output_path(output, source=model_path)
-            model = load_model(model_path)
+            model = load_model(model_path, safe=not args.unsafe_load, max_memory=args.max_memory)
             unfolded = unfold_model(model)
-            with atomic_output(output) as temporary:
-                unfolded.save(temporary, save_format="keras" if output.suffix == ".keras" else "h5")
+            save_keras_model(unfolded, output)
     except Exception as error:  # every failure ends as one line (see report_failure)
         return report_failure(error, model=model_path)
     for line in _describe(model, unfolded) or ["no folded layer found"]:
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output",
         help="where to save the unfolded model (default: MODEL_unfolded.h5 beside MODEL)",
     )
+    add_loading_options(unfold)
     unfold.set_defaults(run=_unfold)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -8,6 +8,7 @@ imports TensorFlow.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -55,6 +56,42 @@ def import_tensorflow_quietly(debug: bool = False) -> None:
     tf.get_logger().setLevel("ERROR")
     # tf2onnx warns through logging (about opsets, say), which would add lines to an error.
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def memory_size(text: str) -> int:
+    """A byte count from ``--max-memory``: ``4G``, ``512M``, ``4GB`` or plain bytes."""
+    number = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = number[-1:] if number[-1:] in _SIZE_UNITS else ""
+    try:
+        value = float(number.removesuffix(unit)) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a memory size must be a number of bytes, optionally with K, M, G or T. "
+            f"Received: {text!r}"
+        ) from None
+    if not 0 < value < float(1 << 62):
+        raise argparse.ArgumentTypeError(f"a memory size must be positive. Received: {text!r}")
+    return int(value)
+
+
+def add_loading_options(parser: argparse.ArgumentParser) -> None:
+    """The options that decide which model files a command loads (both commands have them)."""
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="load a model file you trust even if it holds code (Lambda layers, custom "
+        "modules): that code runs. Without it, such a file is refused",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=memory_size,
+        metavar="SIZE",
+        help="refuse a model whose declared shapes need more memory, e.g. 4G (default: "
+        "the machine's physical memory)",
+    )
 
 
 def one_line(text: str) -> str:

@@ -18,6 +18,24 @@ class ModelFileError(BnfoldError, OSError):
     """A model file or directory cannot be read as a Keras model."""
 
 
+class UnsafeModelError(ModelFileError):
+    """A model file holds something that would run or import code while Keras loads it.
+
+    Lambda layers, functions stored in a configuration, modules outside Keras,
+    tf_keras, QKeras and bnfold, and unknown classes; ``load_model(path,
+    safe=False)`` (``--unsafe-load``) loads such a file the user trusts.
+    """
+
+
+class ModelTooLargeError(ModelFileError):
+    """A model file declares more than bnfold reads: too many layers, too deep, too big.
+
+    Checked from the configuration before anything is built; the limits are
+    ``bnfold.config_check.MAX_LAYERS``, ``MAX_NESTING`` and the ``max_memory``
+    argument (``--max-memory``).
+    """
+
+
 class OutputPathError(BnfoldError, OSError):
     """An output file cannot be written where it was asked for (checked before any work)."""
 

@@ -2,18 +2,22 @@
 
 ``check_output_path`` runs before any expensive work, so that a typo in an
 output path costs nothing; ``atomic_output`` writes beside the target and
-renames only a complete file over it.
+renames only a complete file over it; ``save_keras_model`` writes a model that
+way. A write that fails (a full disk, say) is an ``OutputPathError`` naming
+the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from bnfold.errors import OutputPathError
+from bnfold.errors import BnfoldError, OutputPathError
 
 
 def _create_beside(path: Path) -> Path:
@@ -32,8 +36,13 @@ def _create_beside(path: Path) -> Path:
         return candidate
 
 
-def _unwritable(path: Path, error: OSError) -> OutputPathError:
-    reason = error.strerror or type(error).__name__
+def _unwritable(path: Path, error: OSError, *, writing: bool = False) -> OutputPathError:
+    reason = error.strerror or str(error) or type(error).__name__
+    if writing:
+        return OutputPathError(
+            "An output file must be written in full (nothing was written). Received: "
+            f"{str(path)!r}, where writing fails: {reason}"
+        )
     return OutputPathError(
         "An output file must be in a directory bnfold can write to. Received: "
         f"{str(path)!r}, where creating a file fails: {reason}"
@@ -91,7 +100,8 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     no temporary file outlives a failure.
 
     Raises:
-        OutputPathError: the temporary file cannot be created, or not renamed to ``path``.
+        OutputPathError: the temporary file cannot be created, written (an
+            ``OSError`` in the block, such as a full disk) or renamed to ``path``.
     """
     path = Path(path)
     try:
@@ -99,10 +109,38 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as error:
         raise _unwritable(path, error) from error
     try:
-        yield temporary
+        try:
+            yield temporary
+        except OSError as error:
+            if isinstance(error, BnfoldError):
+                raise
+            raise _unwritable(path, error, writing=True) from error
         try:
             os.replace(temporary, path)
         except OSError as error:
             raise _unwritable(path, error) from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def save_keras_model(model: Any, path: str | os.PathLike[str]) -> None:
+    """Save a Keras model atomically: .keras format for a .keras path, HDF5 otherwise.
+
+    The HDF5 file is built in memory and written in one piece: h5py writing to a
+    disk that fills up crashes the interpreter (measured with h5py 3.14:
+    segmentation fault while closing the file), where a plain write raises.
+
+    Raises:
+        OutputPathError: as ``atomic_output``.
+    """
+    import h5py
+
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        if path.suffix.lower() == ".keras":
+            model.save(temporary, save_format="keras")
+        else:
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as file:
+                model.save(file, save_format="h5")
+            temporary.write_bytes(buffer.getvalue())

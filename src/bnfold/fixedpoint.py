@@ -45,6 +45,7 @@ __all__ = [
     "FixedPoint",
     "QuantizerError",
     "as_quantizer",
+    "is_quantizer_name",
     "parse_quantizer",
 ]
 
@@ -67,6 +68,13 @@ _QKERAS_QUANTIZERS = frozenset(
         "ternary",
     }
 )
+
+# Widths a quantizer may declare. Beyond 64 bits no hardware type or numpy integer
+# holds the values; the integer part must keep the largest value and the step
+# within float32, in which QKeras computes (2**127 below its largest value, 2**-149
+# its smallest subnormal).
+MAX_BITS = 64
+_FLOAT32_EXPONENTS = range(-149, 128)
 
 # hls4ml's types: ap_fixed<W,I> in C++, fixed<W,I> in its configuration; I counts the sign.
 _HLS_TYPE = re.compile(r"(?:ap_)?(u?)fixed<\s*(\d+)\s*,\s*(-?\d+)\s*>")
@@ -614,7 +622,9 @@ def _hls_type_quantizer(text: str, context: _Context) -> Any:
             "An hls4ml type is read as a QKeras quantized_bits, which needs W >= 2 and I >= 1 "
             "for ap_fixed<W,I> and fixed<W,I>, W >= 1 and I >= 0 for ap_ufixed and ufixed"
         )
-    return FixedPoint.from_hls(text).to_quantizer()
+    quantizer = FixedPoint.from_hls(text).to_quantizer()
+    _check_widths(quantizer, context)
+    return quantizer
 
 
 def as_quantizer(quantizer: Any, *, layer: str | None = None) -> Any:
@@ -641,11 +651,38 @@ def as_quantizer(quantizer: Any, *, layer: str | None = None) -> Any:
         return _from_config(quantizer, layer)
     name = type(quantizer).__name__
     if name in _QKERAS_QUANTIZERS and type(quantizer) is getattr(quantizers, name):
+        _check_widths(quantizer, _Context(repr(_describe(quantizer)), layer))
         return quantizer
     raise _Context(repr(_describe(quantizer)), layer).error(
         "A fixed-point quantizer is required; this is not a QKeras quantizer, so its values "
         "stay float"
     )
+
+
+def is_quantizer_name(name: Any) -> bool:
+    """Whether ``name`` is the class name of a QKeras quantizer (``"quantized_bits"``)."""
+    return isinstance(name, str) and name.strip() in _QKERAS_QUANTIZERS
+
+
+def _check_widths(quantizer: Any, context: _Context) -> None:
+    """Refuse widths no fixed-point type holds (see ``MAX_BITS``), before any arithmetic."""
+    bits = getattr(quantizer, "bits", None)
+    integer = getattr(quantizer, "integer", None)
+    try:
+        bits = None if bits is None else _plain_int(bits, "bits")
+        integer = None if integer is None else _plain_int(integer, "integer")
+    except ValueError:
+        return  # the converters name the field that is not an integer
+    if bits is not None and not 1 <= bits <= MAX_BITS:
+        raise context.error(f"A quantizer must have 1 to {MAX_BITS} bits (got {bits})")
+    if integer is None:
+        return
+    exponents = [integer] + ([] if bits is None else [integer - bits])
+    if not all(exponent in _FLOAT32_EXPONENTS for exponent in exponents):
+        raise context.error(
+            "A quantizer's integer part must keep its largest value and its step within "
+            f"float32 (2**-149 to 2**127; got integer={integer})"
+        )
 
 
 def _from_config(config: dict, layer: str | None) -> Any:
@@ -665,9 +702,11 @@ def _from_config(config: dict, layer: str | None) -> Any:
 def _instantiate(name: str, args: list, kwargs: dict, context: _Context) -> Any:
     """Calls the QKeras class; its argument checks are asserts, so those are caught too."""
     try:
-        return getattr(quantizers, name)(*args, **kwargs)
-    except (TypeError, ValueError, AssertionError) as exc:
+        quantizer = getattr(quantizers, name)(*args, **kwargs)
+    except (TypeError, ValueError, AssertionError, OverflowError) as exc:
         raise context.error(f"QKeras rejects these arguments for {name} ({exc})") from exc
+    _check_widths(quantizer, context)
+    return quantizer
 
 
 # --------------------------------------------------------------------------- converters

@@ -37,4 +37,10 @@ import qkeras
 import tf_keras as keras
 from qkeras import quantizers
 
-__all__ = ["keras", "qkeras", "quantizers", "tf"]
+# Not in tf_keras's public API, but what bnfold needs to check a model file
+# before loading it: Keras's safe mode (refuses Lambda bytecode in every format,
+# not only in .keras files) and the schema of a SavedModel's keras_metadata.pb.
+from tf_keras.protobuf import saved_metadata_pb2
+from tf_keras.src.saving.serialization_lib import SafeModeScope
+
+__all__ = ["SafeModeScope", "keras", "qkeras", "quantizers", "saved_metadata_pb2", "tf"]

@@ -1,4 +1,10 @@
-"""Reading Keras models that hold QKeras and bnfold layers, from files that may be damaged.
+"""Reading Keras models that hold QKeras and bnfold layers, from damaged or hostile files.
+
+Nothing a model file carries runs: bnfold reads the configuration itself (the
+HDF5 ``model_config`` attribute, a .keras archive's config.json, a SavedModel's
+keras_metadata.pb) and checks it (``bnfold.config_check``) before Keras builds
+anything, and Keras then loads in its safe mode with the working directory off
+the import path.
 
 A damaged HDF5 file can make the HDF5 library loop forever or crash the
 interpreter (measured with h5py 3.14: a zeroed block inside a weights group
@@ -10,17 +16,21 @@ a time limit. What the child survives, Keras survives: the reads are the same.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bnfold.config_check import check_model_config
 from bnfold.errors import ModelFileError
-from bnfold.keras import keras, qkeras
+from bnfold.keras import SafeModeScope, keras, qkeras, saved_metadata_pb2
 from bnfold.layers import QDenseBatchnorm
 
 _SUFFIXES = (".h5", ".hdf5", ".keras")
@@ -30,6 +40,10 @@ _MAX_REASON = 300
 # well over 50 MB/s.
 PROBE_SECONDS = 20.0
 _PROBE_BYTES_PER_SECOND = 50e6
+_ARCHIVE_CONFIG = "config.json"
+_SAVED_MODEL_METADATA = "keras_metadata.pb"
+# Far above any real model's configuration (a few hundred kB for 1000 layers).
+_MAX_CONFIG_BYTES = 64 << 20
 
 # Run with ``python -c``: it needs only h5py, and prints one JSON line.
 _PROBE = """
@@ -40,28 +54,31 @@ except ImportError as error:
     print(json.dumps({"unavailable": str(error)}))
     sys.exit()
 
-def read_everything(file):
+def read_everything(file, non_numeric):
     def read(name, item):
         for key in item.attrs:
             item.attrs[key]
         if isinstance(item, h5py.Dataset):
             item[()]
+            if item.dtype.kind not in "fiu":
+                non_numeric.append([name, str(item.dtype)])
     read("/", file)
     file.visititems(read)
-    return "model_config" in file.attrs
+    config = file.attrs.get("model_config")
+    return config.decode() if isinstance(config, bytes) else config
 
 try:
     path = sys.argv[1]
+    result = {"model_config": None, "non_numeric": []}
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             for name in archive.namelist():
                 if name.endswith(".h5"):
                     with h5py.File(io.BytesIO(archive.read(name)), "r") as file:
-                        read_everything(file)
-        result = {"model_config": None}
+                        read_everything(file, result["non_numeric"])
     else:
         with h5py.File(path, "r") as file:
-            result = {"model_config": read_everything(file)}
+            result["model_config"] = read_everything(file, result["non_numeric"])
 except Exception as error:
     result = {"error": str(error) or type(error).__name__}
 print(json.dumps(result))
@@ -90,12 +107,14 @@ def _probe_failure(path: Path, reason: str) -> ModelFileError:
     )
 
 
-def _probe(path: Path) -> bool | None:
-    """Read all of the HDF5 data in ``path`` in a child process; say if it holds a model config.
+def _probe(path: Path) -> dict[str, Any] | None:
+    """Read all of the HDF5 data in ``path`` in a child process.
 
     Returns:
-        Whether an HDF5 file has a ``model_config``; None for a .keras archive,
-        or when no child interpreter is available to probe with.
+        ``model_config``: the HDF5 file's model configuration (JSON text), None for
+        a .keras archive or a file without one; ``non_numeric``: ``[dataset,
+        dtype]`` pairs of datasets that hold no numbers. None when no child
+        interpreter is available to probe with.
 
     Raises:
         ModelFileError: h5py refused the file, or crashed or hung reading it.
@@ -105,7 +124,7 @@ def _probe(path: Path) -> bool | None:
     timeout = PROBE_SECONDS + path.stat().st_size / _PROBE_BYTES_PER_SECOND
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _PROBE, str(path)],
+            [sys.executable, "-I", "-c", _PROBE, str(path)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -128,7 +147,7 @@ def _probe(path: Path) -> bool | None:
         return None
     if "error" in result:
         raise _h5py_error(path, _first_line(result["error"]))
-    return result["model_config"]
+    return result
 
 
 def _h5py_error(path: Path, message: str) -> ModelFileError:
@@ -166,16 +185,137 @@ def _keras_error(path: Path, error: Exception) -> ModelFileError:
     )
 
 
-def load_model(path: str | os.PathLike[str]) -> keras.Model:
+def _parse_json(text: str | bytes, path: Path, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise ModelFileError(
+            f"A model file's {what} must be JSON that Python can read. Received: "
+            f"{str(path)!r}: {_first_line(str(error)) or type(error).__name__}"
+        ) from None
+
+
+def _archive_config(path: Path) -> Any:
+    """The configuration of a .keras archive (its config.json), read without Keras."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(_ARCHIVE_CONFIG)
+            if info.file_size > _MAX_CONFIG_BYTES:
+                raise ModelFileError(
+                    f"A model configuration must be at most {_MAX_CONFIG_BYTES} bytes. Received: "
+                    f"{str(path)!r} whose {_ARCHIVE_CONFIG} has {info.file_size}"
+                )
+            text = archive.read(info)
+    except KeyError:
+        raise ModelFileError(
+            f"A .keras archive must hold {_ARCHIVE_CONFIG}. Received: {str(path)!r} without it"
+        ) from None
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ModelFileError(
+            f"A .keras file must be a readable zip archive. Received: {str(path)!r}: {error}"
+        ) from None
+    return _parse_json(text, path, "configuration")
+
+
+def _saved_model_configs(path: Path) -> list[Any]:
+    """The layer configurations in a SavedModel's keras_metadata.pb, read without loading it."""
+    metadata_file = path / _SAVED_MODEL_METADATA
+    if not metadata_file.is_file():
+        raise ModelFileError(
+            f"A SavedModel must hold the {_SAVED_MODEL_METADATA} that Keras writes, so that bnfold "
+            "can check its layers before loading (if you trust the directory, load it with "
+            f"safe=False or --unsafe-load). Received: {str(path)!r} without it"
+        )
+    metadata = saved_metadata_pb2.SavedMetadata()
+    try:
+        metadata.ParseFromString(metadata_file.read_bytes())
+    except Exception as error:  # protobuf's DecodeError, or OSError
+        raise ModelFileError(
+            f"A SavedModel's {_SAVED_MODEL_METADATA} must be readable. Received: {str(path)!r}: "
+            f"{_first_line(str(error)) or type(error).__name__}"
+        ) from None
+    configs = []
+    for node in metadata.nodes:
+        if node.identifier != "_tf_keras_metric":
+            config = _parse_json(node.metadata, path, f"{_SAVED_MODEL_METADATA} entry")
+            # A model's entry repeats its whole configuration under "model_config".
+            whole = config.pop("model_config", None) if isinstance(config, dict) else None
+            configs += [config] + ([whole] if whole is not None else [])
+    return configs
+
+
+def _check_before_loading(path: Path, *, safe: bool, max_memory: int | None) -> None:
+    """Read the file's configuration and weights' types, and refuse what must not load."""
+    configs: list[Any]
+    probed = _probe(path) if path.is_file() else None
+    if path.is_dir():
+        # Unsafe loading accepts a SavedModel without Keras metadata, unchecked.
+        checkable = safe or (path / _SAVED_MODEL_METADATA).is_file()
+        configs = _saved_model_configs(path) if checkable else []
+    elif zipfile.is_zipfile(path):
+        configs = [_archive_config(path)]
+    else:
+        if probed is None:
+            import h5py  # no child interpreter: read the configuration here
+
+            with h5py.File(path, "r") as file:
+                probed = {"model_config": file.attrs.get("model_config"), "non_numeric": []}
+        if probed["model_config"] is None:
+            raise ModelFileError(
+                "An HDF5 model file must hold a whole Keras model (saved with model.save). "
+                f"Received: {str(path)!r} has no model config (weights only, or other data)"
+            )
+        configs = [_parse_json(probed["model_config"], path, "model_config")]
+    for dataset, dtype in (probed or {}).get("non_numeric", []):
+        raise ModelFileError(
+            "A model file's weights must be numbers. Received: "
+            f"{str(path)!r} whose dataset {dataset!r} holds {dtype}"
+        )
+    for config in configs:
+        check_model_config(config, path, safe=safe, max_memory=max_memory)
+
+
+@contextlib.contextmanager
+def _without_working_directory_on_import_path() -> Iterator[None]:
+    """Keep modules in the working directory from being imported while a file loads.
+
+    ``python -m`` and ``python -c`` put the working directory first on
+    ``sys.path``; a module name in a model file would then import a file there.
+    """
+    saved = list(sys.path)
+    here = os.getcwd()
+    sys.path[:] = [entry for entry in sys.path if entry not in ("", ".", here)]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def load_model(
+    path: str | os.PathLike[str], *, safe: bool = True, max_memory: int | None = None
+) -> keras.Model:
     """Load a Keras model saved as .h5, .keras or a SavedModel directory.
+
+    By default no code stored in the file runs: before Keras reads anything,
+    bnfold reads the configuration itself and refuses Lambda layers, functions,
+    modules outside Keras, tf_keras, QKeras and bnfold, and unknown classes;
+    then Keras loads in its safe mode, with the working directory off the
+    import path.
 
     Args:
         path: the model file, or a SavedModel directory.
+        safe: False loads a file you trust even if it holds code (Lambda layers
+            run their stored bytecode). Quantizers and limits are checked either way.
+        max_memory: the bytes an export of the model may need, estimated from the
+            declared shapes before anything is built; None: the machine's memory.
 
     Returns:
         The model, uncompiled, with QKeras layers and bnfold's QDenseBatchnorm known.
 
     Raises:
+        UnsafeModelError: the file holds code, and ``safe`` is True.
+        ModelTooLargeError: too many layers, nested too deep, or over ``max_memory``.
+        QuantizerError: a quantizer in the file that bnfold's parser refuses.
         ModelFileError: the path is missing, or is not a model Keras can read; the
             message names the file and says why. A file that makes the HDF5
             library crash or hang gives this error too (see the module docstring).
@@ -195,13 +335,12 @@ def load_model(path: str | os.PathLike[str]) -> keras.Model:
         )
     if path.is_file() and path.stat().st_size == 0:
         raise ModelFileError(f"The model file must not be empty. Received: {str(path)!r} is empty")
-    if path.is_file() and _probe(path) is False:
-        raise ModelFileError(
-            "An HDF5 model file must hold a whole Keras model (saved with model.save). "
-            f"Received: {str(path)!r} has no model config (weights only, or other data)"
-        )
+    _check_before_loading(path, safe=safe, max_memory=max_memory)
     try:
-        model = keras.models.load_model(path, custom_objects=custom_objects(), compile=False)
+        with _without_working_directory_on_import_path(), SafeModeScope(safe):
+            model = keras.models.load_model(
+                path, custom_objects=custom_objects(), compile=False, safe_mode=safe
+            )
     except Exception as error:  # Keras and h5py raise many types for unreadable files.
         raise _keras_error(path, error) from error
     if not isinstance(model, keras.Model):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bnfold.cli import report_failure, warnings_as_lines
+from bnfold.cli import add_loading_options, report_failure, warnings_as_lines
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         help="also write an hls4ml configuration with bnfold's types, YAML for a .yml/.yaml "
         "PATH, JSON otherwise; implies --no-per-channel-scales (see bnfold.hls4ml)",
     )
+    add_loading_options(parser)
     parser.add_argument(
         "--debug", action="store_true", help="show TensorFlow's logs and full tracebacks"
     )
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             # hls4ml 1.3.0 reads one scale per weight Quant node.
             per_channel_scales=args.per_channel_scales and not args.hls4ml_config,
             strict=args.strict_types,
+            safe=not args.unsafe_load,
+            max_memory=args.max_memory,
             on_stage=_progress(sys.stderr.isatty() or args.debug),
         )
         metadata = {entry.key: entry.value for entry in exported.metadata_props}

@@ -146,6 +146,8 @@ def export_onnx(
     batch_size: int | None = 1,
     per_channel_scales: bool = True,
     strict: bool = False,
+    safe: bool = True,
+    max_memory: int | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> onnx.ModelProto:
     """Export a QKeras model with folded batchnorm as QONNX for hls4ml and FINN.
@@ -169,6 +171,10 @@ def export_onnx(
             scale and enough bits for every channel, which hls4ml 1.3.0 needs.
         strict: fail with ``TypeInferenceError`` where a MAC layer has no
             accumulator type, instead of exporting it in float with a warning.
+        safe: refuse a model file that holds code (see ``bnfold.load_model``);
+            False runs that code, for a file you trust.
+        max_memory: refuse a model file whose declared sizes need more bytes
+            (see ``bnfold.load_model``); None: the machine's memory.
         on_stage: called with each stage's name as it starts (progress display).
 
     Returns:
@@ -205,7 +211,10 @@ def export_onnx(
         check_output_path(output_path, source=source_path)
 
     notify("load")
-    model = copy_model(model_or_path) if source_path is None else load_model(source_path)
+    if source_path is None:
+        model = copy_model(model_or_path)
+    else:
+        model = load_model(source_path, safe=safe, max_memory=max_memory)
     quantized, sources = _input_quantizers(model, source_quantizers, source_path)
     notify("populate")
     with warnings.catch_warnings():
