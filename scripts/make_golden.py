@@ -251,6 +251,47 @@ def po2_no_bias() -> keras.Model:
     return keras.Model(image, x, name="po2_no_bias")
 
 
+_SIX_BITS = "quantized_bits(6,0,1,alpha=1)"
+
+
+def _plain_quantized(cls: type, *args: object, name: str) -> keras.layers.Layer:
+    """A QConv2D or QDense, trained without folding: 6-bit kernel and bias."""
+    return cls(*args, kernel_quantizer=_SIX_BITS, bias_quantizer=_SIX_BITS, name=name)
+
+
+def tutorial_cnn() -> keras.Model:
+    """The hls4ml tutorial CNN: QConv2D + BatchNormalization + QActivation blocks, max
+    pooling, a QDense block, a float Dense output layer and a softmax."""
+    image = keras.Input((12, 12, 3), name="image")
+    x = image
+    for index, filters in enumerate((8, 8), start=1):
+        x = _plain_quantized(qkeras.QConv2D, filters, 3, name=f"conv{index}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn_conv{index}")(x)
+        x = _relu(f"relu{index}", "quantized_relu(6)")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"pool{index}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = _plain_quantized(qkeras.QDense, 12, name="dense1")(x)
+    x = keras.layers.BatchNormalization(name="bn_dense1")(x)
+    x = _relu("relu3", "quantized_relu(6)")(x)
+    x = keras.layers.Dense(5, name="output")(x)
+    x = keras.layers.Activation("softmax", name="softmax")(x)
+    return keras.Model(image, x, name="tutorial_cnn")
+
+
+def softmax_batchnorm_mlp() -> keras.Model:
+    """The jet-tagging MLP trained without folding: QDense + BatchNormalization +
+    QActivation layers, a QDense output and a softmax."""
+    features = keras.Input((16,), name="features")
+    x = features
+    for index, units in enumerate((32, 16), start=1):
+        x = _plain_quantized(qkeras.QDense, units, name=f"fc{index}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{index}")(x)
+        x = _relu(f"relu{index}", "quantized_relu(6,2)")(x)
+    x = _plain_quantized(qkeras.QDense, 5, name="output")(x)
+    x = keras.layers.Activation("softmax", name="softmax")(x)
+    return keras.Model(features, x, name="softmax_batchnorm_mlp")
+
+
 MODELS: dict[str, GoldenModel] = {
     "resnet_tiny": GoldenModel(resnet_tiny, ("quantized_bits(8,3,1,alpha=1)",), 8),
     "kws_dscnn": GoldenModel(kws_dscnn, ("quantized_bits(8,4,1,alpha=1)",), 8),
@@ -261,6 +302,10 @@ MODELS: dict[str, GoldenModel] = {
     ),
     "nested_blocks": GoldenModel(nested_blocks, ("quantized_bits(6,2,1,alpha=1)",), 8),
     "po2_no_bias": GoldenModel(po2_no_bias, ("quantized_bits(8,3,1,alpha=1)",), 8),
+    "tutorial_cnn": GoldenModel(tutorial_cnn, ("quantized_bits(8,0,1,alpha=1)",), 8),
+    "softmax_batchnorm_mlp": GoldenModel(
+        softmax_batchnorm_mlp, ("quantized_bits(8,3,1,alpha=1)",), 16
+    ),
 }
 
 

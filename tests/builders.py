@@ -29,11 +29,26 @@ def randomize_folded_layer(layer, rng: np.random.Generator) -> None:
 
 
 def randomize_batchnorm(model: keras.Model, seed: int = 0) -> keras.Model:
-    """Randomize every folded layer of ``model``, nested ones included."""
+    """Randomize every folded and batch normalization layer of ``model``, nested ones included.
+
+    Standalone batch normalizations get statistics like a trained layer's: means
+    and variances of the values that reach them, gamma and beta near 1 and 0.
+    """
     rng = np.random.default_rng(seed)
     for layer in _all_layers(model):
         if folded_layer_type(layer) is not None:
             randomize_folded_layer(layer, rng)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.moving_mean.shape
+            statistics = {
+                "gamma": rng.uniform(0.5, 1.5, channels),
+                "beta": rng.normal(0, 0.3, channels),
+                "moving_mean": rng.normal(0, 1.0, channels),
+                "moving_variance": rng.uniform(0.5, 4.0, channels),
+            }
+            for name, values in statistics.items():
+                if getattr(layer, name) is not None:
+                    getattr(layer, name).assign(values.astype(np.float32))
     return model
 
 
@@ -292,3 +307,118 @@ def feature_map() -> keras.Model:
     """The first convolution and activation of ``sequential_conv``: a 4-D (feature map) output."""
     full = sequential_conv()
     return keras.Model(full.inputs, full.get_layer("relu").output, name="feature_map")
+
+
+# Models shaped like published QKeras models whose tails compute in float.
+
+KERNEL = "quantized_bits(6,0,1,alpha=1)"
+BIAS = "quantized_bits(8,3,1,alpha=1)"
+RELU = "quantized_relu(6,2)"
+
+
+def _randomized(model: keras.Model, seed: int = 3) -> keras.Model:
+    """Random kernels and biases of the plain Q layers too (the initial ones are too tame)."""
+    rng = np.random.default_rng(seed)
+    for layer in _all_layers(model):
+        if isinstance(layer, q.QDense | q.QConv2D | keras.layers.Dense) and not folded_layer_type(
+            layer
+        ):
+            for variable in layer.trainable_weights:
+                variable.assign(rng.normal(0, 0.5, variable.shape).astype(np.float32))
+    return randomize_batchnorm(model, seed)
+
+
+def tutorial_cnn() -> keras.Model:
+    """The hls4ml tutorial CNN, small: QConv2D + BatchNormalization + QActivation blocks,
+    a float Dense output layer and a softmax."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = inputs
+    for index, filters in enumerate((4, 6)):
+        x = q.QConv2D(
+            filters, 3, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name=f"conv{index}"
+        )(x)
+        x = keras.layers.BatchNormalization(name=f"bn{index}")(x)
+        x = q.QActivation(RELU, name=f"relu{index}")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = q.QDense(8, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name="dense")(x)
+    x = keras.layers.BatchNormalization(name="bn_dense")(x)
+    x = q.QActivation(RELU, name="relu_dense")(x)
+    x = keras.layers.Dense(5, name="output")(x)
+    x = keras.layers.Activation("softmax", name="softmax")(x)
+    return _randomized(keras.Model(inputs, x, name="tutorial_cnn"))
+
+
+def ds_cnn() -> keras.Model:
+    """The MLPerf Tiny keyword-spotting DS-CNN, small: its 25x5 average pooling (125 values)
+    feeds a QDense with a softmax."""
+    inputs = keras.Input((50, 10, 1), name="mfcc")
+    x = q.QConv2DBatchnorm(
+        4, (10, 4), strides=2, padding="same", kernel_quantizer=KERNEL, name="conv"
+    )(inputs)
+    x = q.QActivation(RELU, name="relu")(x)
+    x = q.QDepthwiseConv2DBatchnorm(
+        3, padding="same", depthwise_quantizer=KERNEL, name="depthwise"
+    )(x)
+    x = q.QActivation(RELU, name="relu_dw")(x)
+    x = q.QConv2DBatchnorm(6, 1, kernel_quantizer=KERNEL, name="pointwise")(x)
+    x = q.QActivation(RELU, name="relu_pw")(x)
+    x = keras.layers.AveragePooling2D((25, 5), name="pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = q.QDense(12, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name="classifier")(x)
+    x = keras.layers.Activation("softmax", name="softmax")(x)
+    return _randomized(keras.Model(inputs, x, name="ds_cnn"))
+
+
+def global_average_6x6() -> keras.Model:
+    """A 6x6 global average (36 values) followed by a QDense."""
+    inputs = keras.Input((6, 6, 3), name="image")
+    x = q.QConv2DBatchnorm(4, 1, kernel_quantizer=KERNEL, name="conv")(inputs)
+    x = q.QActivation(RELU, name="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="average")(x)
+    x = q.QDense(3, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name="head")(x)
+    return _randomized(keras.Model(inputs, x, name="global_average_6x6"))
+
+
+def jet_softmax_batchnorm() -> keras.Model:
+    """The jet-tagging MLP trained without folding: QDense + BatchNormalization + QActivation,
+    a QDense output and a softmax."""
+    inputs = keras.Input((16,), name="features")
+    x = inputs
+    for index, units in enumerate((16, 8)):
+        x = q.QDense(units, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name=f"fc{index}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{index}")(x)
+        x = q.QActivation(RELU, name=f"relu{index}")(x)
+    x = q.QDense(5, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name="output")(x)
+    x = keras.layers.Activation("softmax", name="softmax")(x)
+    return _randomized(keras.Model(inputs, x, name="jet_softmax_batchnorm"))
+
+
+def qbatchnorm_mlp() -> keras.Model:
+    """QDense + QBatchNormalization (QKeras's default quantizers) + QActivation."""
+    inputs = keras.Input((10,), name="features")
+    x = q.QDense(8, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name="fc")(inputs)
+    x = q.QBatchNormalization(name="qbn")(x)
+    x = q.QActivation(RELU, name="relu")(x)
+    x = q.QDense(4, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name="output")(x)
+    return _randomized(keras.Model(inputs, x, name="qbatchnorm_mlp"))
+
+
+def softmax_classifier() -> keras.Model:
+    """A jet-tagging-like classifier computed in fixed point up to its softmax."""
+    inputs = keras.Input((16,), name="features")
+    x = bnfold.layers.QDenseBatchnorm(16, kernel_quantizer=KERNEL, name="fc")(inputs)
+    x = q.QActivation(RELU, name="relu")(x)
+    x = q.QDense(5, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name="logits")(x)
+    x = keras.layers.Activation("softmax", name="softmax")(x)
+    return _randomized(keras.Model(inputs, x, name="softmax_classifier"))
+
+
+FLOAT_TAIL_BUILDERS = {
+    "tutorial_cnn": tutorial_cnn,
+    "ds_cnn": ds_cnn,
+    "global_average_6x6": global_average_6x6,
+    "jet_softmax_batchnorm": jet_softmax_batchnorm,
+    "qbatchnorm_mlp": qbatchnorm_mlp,
+    "softmax_classifier": softmax_classifier,
+}

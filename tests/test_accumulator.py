@@ -11,7 +11,7 @@ from bnfold.accumulator import (
     mac_types,
     populate_bias_quantizer_from_accumulator,
 )
-from bnfold.errors import TypeInferenceError
+from bnfold.errors import TypeInferenceError, UnsupportedLayerError, UntypedAccumulatorWarning
 from bnfold.fixedpoint import FixedPoint, QuantizerError
 from bnfold.folding import folded_layer_type
 from bnfold.keras import keras, qkeras, quantizers
@@ -209,11 +209,42 @@ def test_source_quantizers_accept_hls4ml_types(hls_type, quantizer):
     assert accumulator_types(model, [hls_type]) == accumulator_types(model, [quantizer])
 
 
-def test_float_input_to_a_mac_layer_names_the_layer():
+def _float_input_model():
     inputs = keras.Input((5,))
     x = keras.layers.Activation("sigmoid", name="squash")(inputs)
     x = qkeras.QDense(3, kernel_quantizer="quantized_bits(4,0,1)", name="after")(x)
+    return keras.Model(inputs, x)
+
+
+def test_float_input_to_a_mac_layer_is_a_warning_naming_the_layer_and_why():
+    with pytest.warns(UntypedAccumulatorWarning, match=r"'after'.*'squash'.*sigmoid"):
+        assert accumulator_types(_float_input_model()) == {}
+
+
+def test_strict_float_input_to_a_mac_layer_is_an_error_naming_the_layer():
     with pytest.raises(TypeInferenceError, match=r"'after'.*sigmoid"):
+        accumulator_types(_float_input_model(), strict=True)
+
+
+def test_populate_leaves_a_float_fed_folded_layer_unfilled_with_a_warning():
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.AveragePooling2D(3, name="pool")(inputs)
+    x = qkeras.QConv2DBatchnorm(
+        2, 1, kernel_quantizer="quantized_bits(4,0,1,alpha=1)", bias_quantizer=None, name="c"
+    )(x)
+    model = keras.Model(inputs, x)
+    with pytest.warns(UntypedAccumulatorWarning, match=r"'c'.*'pool' averages 9 values"):
+        populate_bias_quantizer_from_accumulator(model, ["quantized_bits(8,3,1)"])
+    assert model.get_layer("c").bias_quantizer_internal is None
+    with pytest.raises(TypeInferenceError, match=r"'c'.*'pool' averages 9 values"):
+        populate_bias_quantizer_from_accumulator(model, ["quantized_bits(8,3,1)"], strict=True)
+
+
+def test_unsupported_layer_is_named_before_any_type_inference():
+    inputs = keras.Input((4,))
+    x = keras.layers.Maximum(name="biggest")([inputs, inputs])
+    x = qkeras.QDense(3, kernel_quantizer="quantized_bits(4,0,1)", name="after")(x)
+    with pytest.raises(UnsupportedLayerError, match=r"'biggest' of class Maximum. Supported: "):
         accumulator_types(keras.Model(inputs, x))
 
 

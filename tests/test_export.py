@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -11,7 +12,7 @@ from qonnx.core.onnx_exec import execute_onnx
 
 import bnfold
 import builders
-from bnfold.errors import QuantizerError, UnsupportedLayerError
+from bnfold.errors import InputQuantizerWarning, QuantizerError, UnsupportedLayerError
 from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.keras import keras, qkeras, quantizers
@@ -235,3 +236,42 @@ def test_without_per_channel_scales_each_kernel_has_one_scale(exported):
         n for n in quants if _metadata(n)["layer"] == "dw" and _metadata(n)["role"] == "kernel"
     )
     assert initializers[dw.input[3]] > 4  # the 4-bit grid widened by the spread of the scales
+
+
+def _input_model(first_quantizer):
+    inputs = keras.Input((6,), name="features")
+    x = qkeras.QActivation(first_quantizer, name="in_q")(inputs) if first_quantizer else inputs
+    x = qkeras.QDense(3, kernel_quantizer="quantized_bits(4,0,1,alpha=1)", name="fc")(x)
+    return keras.Model(inputs, x)
+
+
+def _input_quant(exported):
+    (node,) = [
+        n
+        for n in exported.graph.node
+        if _metadata(n).get("role") == "input" and n.op_type == "Quant"
+    ]
+    return _metadata(node)["quantizer"]
+
+
+def test_a_qactivation_right_after_the_input_gives_its_type_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputQuantizerWarning)
+        exported = bnfold.export_onnx(_input_model("quantized_bits(6,2,1,alpha=1)"))
+    assert _input_quant(exported) == "quantized_bits(6,2,1,alpha=1)"
+
+
+def test_an_input_without_a_quantizer_is_named_in_a_warning_with_the_default():
+    with pytest.warns(InputQuantizerWarning, match=r"'features'.*quantized_bits\(8,0,1\)"):
+        exported = bnfold.export_onnx(_input_model(None))
+    assert _input_quant(exported) == "quantized_bits(8,0,1)"
+
+
+def test_the_input_warning_on_the_command_line(tmp_path, capsys):
+    from bnfold.export.__main__ import main
+
+    path = tmp_path / "m.h5"
+    _input_model(None).save(path)
+    assert main([str(path), "-o", str(tmp_path / "m.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: A model input needs a quantizer" in err and "'features'" in err

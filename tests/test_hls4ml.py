@@ -39,6 +39,10 @@ GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 HLS4ML_MODELS = ("jet_tagging_mlp", "resnet_tiny", "kws_dscnn", "two_in_two_out")
 # hls4ml layer classes made from the ONNX Conv and MatMul nodes, named "<class>_<node>".
 MAC_LAYERS = ("Conv2D", "PointwiseConv2D", "DepthwiseConv2D", "Dense")
+# hls4ml 1.3.0's softmax (its default "stable" implementation, 18-bit tables) against the
+# float softmax, measured on softmax_classifier's 32 samples: up to 0.11 (it rounds a
+# 0.97 to 1.0).
+HLS4ML_SOFTMAX_ERROR = 0.125
 
 
 def golden(name: str) -> tuple[keras.Model, list[str], list[np.ndarray]]:
@@ -277,6 +281,76 @@ def test_cli_writes_the_config_of_the_onnx_it_writes(folded_models, tmp_path, ca
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
         ["conv.h5", "conv.onnx", config_file.name]
     )
+
+
+# ------------------------------------------------------------------------ float tails
+
+
+def _hls4ml_predictions(model, skip_softmax, directory, samples=32):
+    """``model`` exported, through hls4ml (compiled), its predictions and the QKeras logits."""
+    import hls4ml
+
+    sources = [builders.INPUT_QUANTIZER]
+    onnx_model = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
+    bnfold.populate_bias_quantizer_from_accumulator(model, sources)
+    inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], samples)
+    cleaned, config = prepare_for_hls4ml(onnx_model, skip_softmax=skip_softmax)
+    hls_model = hls4ml.converters.convert_from_onnx_model(
+        cleaned,
+        output_dir=str(directory / "hls4ml_prj"),
+        backend="Vitis",
+        io_type="io_parallel",
+        hls_config=copy.deepcopy(config),
+    )
+    hls_model.compile()
+    predicted = hls_model.predict(np.ascontiguousarray(inputs[0]))
+    expected = model.predict(inputs, verbose=0)
+    logits = keras.Model(model.input, model.layers[-2].output).predict(inputs, verbose=0)
+    return np.reshape(predicted, expected.shape), expected, logits
+
+
+@pytest.fixture(scope="module")
+def softmax_classifier(tmp_path_factory):
+    """A classifier computed in fixed point up to its softmax, through hls4ml twice:
+    with hls4ml's softmax, and with it skipped (the hardware outputs the logits)."""
+    model = builders.softmax_classifier()
+    return {
+        skip: _hls4ml_predictions(model, skip, tmp_path_factory.mktemp(f"softmax_{skip}"))
+        for skip in (False, True)
+    }
+
+
+@pytest.mark.slow
+def test_hls4ml_with_the_softmax_skipped_gives_the_logits_bit_for_bit(softmax_classifier):
+    predicted, _, logits = softmax_classifier[True]
+    np.testing.assert_array_equal(predicted, logits)
+
+
+@pytest.mark.slow
+def test_hls4ml_softmax_approximates_the_float_softmax(softmax_classifier):
+    """hls4ml's table-based softmax: within HLS4ML_SOFTMAX_ERROR, same class on every sample."""
+    predicted, expected, _ = softmax_classifier[False]
+    assert np.max(np.abs(predicted - expected)) <= HLS4ML_SOFTMAX_ERROR
+    top = np.sort(expected, -1)
+    # Classes closer than the tables' resolution may swap.
+    assert np.all((predicted.argmax(-1) == expected.argmax(-1)) | (top[:, -1] - top[:, -2] < 0.02))
+
+
+@pytest.mark.slow
+def test_hls4ml_reads_standalone_batchnorm_and_gives_the_logits_bit_for_bit(tmp_path):
+    """QDense + BatchNormalization + QActivation: the batch normalization computes in
+    hls4ml's default precision, which prepare_for_hls4ml widens for float parts."""
+    predicted, _, logits = _hls4ml_predictions(builders.jet_softmax_batchnorm(), True, tmp_path)
+    np.testing.assert_array_equal(predicted, logits)
+
+
+@pytest.mark.slow
+def test_hls4ml_reads_the_tutorial_cnn_with_its_float_dense_output(tmp_path):
+    """QConv2D + BatchNormalization blocks and a float Dense output layer: hls4ml computes
+    the float layers in the widened default precision (measured: logits within 2.8e-4)."""
+    predicted, _, logits = _hls4ml_predictions(builders.tutorial_cnn(), True, tmp_path)
+    assert np.max(np.abs(predicted - logits)) <= 2**-9
+    np.testing.assert_array_equal(predicted.argmax(-1), logits.argmax(-1))
 
 
 # ------------------------------------------------- the Keras route: convert_from_keras_model

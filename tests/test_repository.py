@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bnfold.folding import FOLDED_LAYER_TYPES
+from bnfold.layer_table import ACTIVATION_FUNCTIONS, LAYERS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,6 +22,28 @@ def test_readme_layer_table_matches_folded_layer_types():
         (e.folded, e.plain.__name__, e.kernel_quantizer) for e in FOLDED_LAYER_TYPES.values()
     ]
     assert rows == expected
+
+
+def supported_layers_tables() -> str:
+    """The README's tables of supported layers and activation functions, from the layer table."""
+    lines = [
+        "| layer | exported as | exact or float | read by hls4ml | read by FINN |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {s.name} | {s.onnx} | {s.exact} | {s.hls4ml} | {s.finn} |" for s in LAYERS.values()),
+        "",
+        "| activation function | exported as | exact or float | read by hls4ml | read by FINN |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {f.name} | {f.onnx} | {f.exact} | {f.hls4ml} | {f.finn} |"
+            for f in ACTIVATION_FUNCTIONS.values()
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_readme_supported_layers_tables_match_the_layer_table():
+    expected = supported_layers_tables()
+    assert expected in (ROOT / "README.md").read_text(), "README tables should read:\n" + expected
 
 
 def test_ci_runs_the_readme_test_command():

@@ -23,34 +23,31 @@ the product of two full-range signed types needs one more integer bit.
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from bnfold.errors import QuantizerError, RangeWarning, TypeInferenceError
+from bnfold.errors import (
+    InputQuantizerWarning,
+    QuantizerError,
+    RangeWarning,
+    TypeInferenceError,
+    UntypedAccumulatorWarning,
+)
 from bnfold.fixedpoint import FixedPoint, as_quantizer
 from bnfold.folding import folded_layer_type, folded_weights
 from bnfold.graph import propagate
 from bnfold.keras import keras
-from bnfold.mac import QuantizedWeights, mac_layer_type, quantized_weights
+from bnfold.layer_table import check_supported, layer_spec, mac_layer_type
+from bnfold.mac import QuantizedWeights, quantized_weights
+from bnfold.typerules import Typed, Untyped, activation_type, quantizer_type
 
 Mode = Literal["widths", "weights"]
 # QKeras's populate_bias_quantizer_from_accumulator assumes this for every input.
 DEFAULT_SOURCE_QUANTIZER = "quantized_bits(8,0,1)"
-
-
-@dataclass(frozen=True)
-class Untyped:
-    """A value without a fixed-point type, and why: reported if a MAC layer needs it."""
-
-    reason: str
-
-
-Typed = FixedPoint | Untyped
 
 
 @dataclass(frozen=True)
@@ -82,133 +79,19 @@ class MacLayer:
     untyped: str | None = None
 
 
-def _relu(value: Typed) -> Typed:
-    if isinstance(value, Untyped) or not value.signed:
-        return value
-    return FixedPoint(value.bits - 1, value.integer, False)
-
-
-def _quantizer_type(quantizer: Any, layer: Any) -> Typed:
-    try:
-        return FixedPoint.from_quantizer(quantizer, layer=layer.name)
-    except QuantizerError as error:
-        return Untyped(str(error))
-
-
-def _activation_type(activation: Any, value: Typed, layer: Any) -> Typed:
-    """The type after a layer's activation function or quantizer."""
-    name = getattr(activation, "__name__", None)
-    if activation is None or name == "linear":
-        return value
-    if name == "relu":
-        return _relu(value)
-    if type(activation).__module__.startswith("qkeras"):
-        return _quantizer_type(activation, layer)
-    return Untyped(
-        f"layer {layer.name!r} applies activation {name or activation!r}, which has no "
-        "fixed-point type"
-    )
-
-
-def _same(layer: Any, values: list[Typed]) -> Typed:
-    return values[0]
-
-
-def _relu_layer(layer: Any, values: list[Typed]) -> Typed:
-    if layer.max_value is None and float(layer.negative_slope) == 0 and float(layer.threshold) == 0:
-        return _relu(values[0])
-    return Untyped(f"layer {layer.name!r} is a ReLU with a slope, threshold or maximum")
-
-
-def _average(layer: Any, values: list[Typed], count: int | None) -> Typed:
-    """A mean of ``count`` values is fixed point only when ``count`` is a power of two."""
-    value = values[0]
+def _required(value: Typed, what: str) -> FixedPoint:
     if isinstance(value, Untyped):
-        return value
-    if not count or count & (count - 1):
-        return Untyped(
-            f"layer {layer.name!r} averages {count or 'an unknown number of'} values, not a "
-            "power of two, so its output is not fixed point"
-        )
-    shift = count.bit_length() - 1
-    return FixedPoint(value.bits + shift, value.integer, value.signed, value.narrow)
-
-
-def _average_pooling(layer: Any, values: list[Typed]) -> Typed:
-    if layer.padding != "valid":
-        return Untyped(f"layer {layer.name!r} averages partial windows (padding='same')")
-    return _average(layer, values, math.prod(layer.pool_size))
-
-
-def _global_average_pooling(layer: Any, values: list[Typed]) -> Typed:
-    shape = layer.input_shape
-    spatial = shape[1:-1] if layer.data_format == "channels_last" else shape[2:]
-    return _average(layer, values, math.prod(spatial) if None not in spatial else None)
-
-
-def _union(values: list[Typed]) -> Typed:
-    untyped = [value for value in values if isinstance(value, Untyped)]
-    if untyped:
-        return untyped[0]
-    result = values[0]
-    for value in values[1:]:
-        result = result.union(value)
-    return result
-
-
-def _add(layer: Any, values: list[Typed]) -> Typed:
-    total = _union(values)
-    return total if isinstance(total, Untyped) else total.sum_of(len(values))
-
-
-# Layers whose outputs are some of their input values, moved or selected, or zeros.
-VALUE_PRESERVING_LAYERS = (
-    "MaxPooling1D",
-    "MaxPooling2D",
-    "GlobalMaxPooling1D",
-    "GlobalMaxPooling2D",
-    "Flatten",
-    "Reshape",
-    "Permute",
-    "ZeroPadding1D",
-    "ZeroPadding2D",
-    "Cropping1D",
-    "Cropping2D",
-    "Dropout",
-    "SpatialDropout1D",
-    "SpatialDropout2D",
-)
-
-_LAYER_RULES: dict[str, Callable[[Any, list[Typed]], Typed]] = {
-    "QActivation": lambda layer, values: _quantizer_type(layer.quantizer, layer),
-    "Activation": lambda layer, values: _activation_type(layer.activation, values[0], layer),
-    "ReLU": _relu_layer,
-    "Add": _add,
-    "Concatenate": lambda layer, values: _union(values),
-    "AveragePooling1D": _average_pooling,
-    "AveragePooling2D": _average_pooling,
-    "GlobalAveragePooling1D": _global_average_pooling,
-    "GlobalAveragePooling2D": _global_average_pooling,
-    **dict.fromkeys(VALUE_PRESERVING_LAYERS, _same),
-}
-
-
-def _required(value: Typed, layer: Any, what: str) -> FixedPoint:
-    if isinstance(value, Untyped):
-        raise TypeInferenceError(
-            f"An accumulator type needs a fixed-point {what}. Received: layer={layer.name!r} "
-            f"({type(layer).__name__}) whose {what} has none: {value.reason}"
-        )
+        raise _Float(f"its {what} is not fixed point: {value.reason}")
     return value
 
 
+class _Float(Exception):
+    """A MAC layer's input or kernel has no fixed-point type; the message says why."""
+
+
 def _mac_types(layer: Any, weights: QuantizedWeights, value: Typed, mode: Mode) -> MacTypes:
-    source = _required(value, layer, "input")
-    kernel = _required(
-        weights.kernel_type or Untyped("the kernel is float (no kernel quantizer)"),
-        layer,
-        "kernel",
-    )
+    source = _required(value, "input")
+    kernel = _required(weights.kernel_type or Untyped("it has no kernel quantizer"), "kernel")
     sum_of_products = source.product(kernel).sum_of(weights.products)
     if weights.bias is None:
         accumulator = sum_of_products
@@ -246,15 +129,22 @@ def source_quantizers_for(model: keras.Model, given: Any) -> list[Any]:
 
     Args:
         model: the model whose inputs they describe.
-        given: None (QKeras's default for every input), one quantizer, or a
+        given: None (each input's own quantizer, see below), one quantizer, or a
             list with one per input; each an object, a string or a config dict.
+
+    With ``given`` None, an input read only by a ``QActivation`` with a
+    fixed-point quantizer has that quantizer's type; any other input gets QKeras's
+    default, ``quantized_bits(8,0,1)``, with an ``InputQuantizerWarning``.
 
     Raises:
         QuantizerError: the count is wrong, or a quantizer cannot be read.
+
+    Warns:
+        InputQuantizerWarning: naming each input given the default.
     """
     count = len(model.inputs)
     if given is None:
-        given = [DEFAULT_SOURCE_QUANTIZER] * count
+        given = _own_input_quantizers(model)
     elif not isinstance(given, list | tuple):
         given = [given]
     if len(given) != count:
@@ -272,6 +162,39 @@ def _input_name(tensor: Any) -> str:
     return tensor.name.split(":")[0]
 
 
+def _own_input_quantizers(model: keras.Model) -> list[Any]:
+    """Each input's quantizer: the QActivation that alone reads it, else the default."""
+    readers: dict[int, list[Any]] = {index: [] for index in range(len(model.inputs))}
+
+    def visit(layer: Any, values: list[Any], path: str) -> list[Any]:
+        for value in values:
+            if value is not None:
+                readers[value].append(layer)
+        return [None]
+
+    propagate(model, list(range(len(model.inputs))), visit)
+    quantizers = []
+    for index, tensor in enumerate(model.inputs):
+        layers = readers[index]
+        if (
+            len(layers) == 1
+            and type(layers[0]).__name__ == "QActivation"
+            and isinstance(quantizer_type(layers[0].quantizer, layers[0]), FixedPoint)
+        ):
+            quantizers.append(layers[0].quantizer)
+            continue
+        warnings.warn(
+            "A model input needs a quantizer to have a fixed-point type: give one "
+            "(source_quantizers, --input-quantizer), or read it with a QActivation. "
+            f"Received: input {_input_name(tensor)!r} without one; assuming QKeras's "
+            f"default {DEFAULT_SOURCE_QUANTIZER}",
+            InputQuantizerWarning,
+            stacklevel=4,
+        )
+        quantizers.append(DEFAULT_SOURCE_QUANTIZER)
+    return quantizers
+
+
 def _source_types(model: keras.Model, source_quantizers: Any) -> list[Typed]:
     return [
         Untyped(f"model input {_input_name(tensor)!r} has no source quantizer")
@@ -283,78 +206,160 @@ def _source_types(model: keras.Model, source_quantizers: Any) -> list[Typed]:
     ]
 
 
-def mac_types(
-    model: keras.Model, source_quantizers: Any = None, mode: Mode = "widths", *, strict: bool = True
-) -> dict[str, MacLayer]:
-    """Every MAC layer of ``model`` by path (``block/conv`` when nested), with its types.
+@dataclass(frozen=True)
+class TypeInference:
+    """The types found in one model.
 
-    With ``strict`` a MAC layer whose input or kernel is float raises
-    ``TypeInferenceError``; without, it gets ``types=None`` (a float layer has
-    no accumulator type, and neither has whatever its output feeds).
+    Attributes:
+        macs: every MAC layer by path (``block/conv`` when nested), with its types.
+        layers: each layer's input and output types by path (a shared layer: its
+            last call).
+        outputs: the type of each model output.
+        after_float: by path, whether each input of the layer was computed
+            after a float op (a quantizer after it may round differently from
+            the float reference, so such values are not bit-exact).
+        outputs_after_float: the same for each model output.
+    """
+
+    macs: dict[str, MacLayer]
+    layers: dict[str, tuple[list[Typed], list[Typed]]]
+    outputs: list[Typed]
+    after_float: dict[str, list[bool]]
+    outputs_after_float: list[bool]
+
+
+def infer_types(
+    model: keras.Model,
+    source_quantizers: Any = None,
+    mode: Mode = "widths",
+    *,
+    strict: bool = False,
+) -> TypeInference:
+    """Push types from the model inputs through every layer, nested models included.
+
+    A MAC layer whose input or kernel is not fixed point gets ``types=None`` and
+    the reason in ``untyped``; its output is float. Every layer class must be in
+    ``bnfold.layer_table``: one that is not is refused first, as itself.
+
+    Raises:
+        UnsupportedLayerError: a layer class or activation function bnfold has no entry for.
+        TypeInferenceError: with ``strict``, a MAC layer has no accumulator type.
     """
     if mode not in ("widths", "weights"):
         raise ValueError(f"mode must be 'widths' or 'weights'. Received: mode={mode!r}")
+    check_supported(model)
     found: dict[str, MacLayer] = {}
+    layers: dict[str, tuple[list[Typed], list[Typed]]] = {}
 
     def visit(layer: Any, values: list[Typed], path: str) -> list[Typed]:
+        outputs = [_layer_type(layer, values, path)]
+        layers[path] = (values, outputs)
+        return outputs
+
+    def _layer_type(layer: Any, values: list[Typed], path: str) -> Typed:
         if mac_layer_type(layer) is None:
-            rule = _LAYER_RULES.get(type(layer).__name__)
-            if rule is None:
-                return [
-                    Untyped(
-                        f"bnfold has no type rule for layer {layer.name!r} ({type(layer).__name__})"
-                    )
-                ]
-            return [rule(layer, values)]
+            return layer_spec(layer).type_rule(layer, values)
         value = values[0]
         if path in found:
             # A shared layer: one type must serve every call.
             weights, previous = found[path].weights, found[path].types
             if previous is None:
-                return [Untyped(found[path].untyped or "")]
+                return Untyped(f"layer {path!r} has no accumulator type")
             if not isinstance(value, Untyped):
                 value = previous.input.union(value)
         else:
             weights = quantized_weights(layer)
         try:
             types = _mac_types(layer, weights, value, mode)
-        except TypeInferenceError as error:
+        except _Float as reason:
             if strict:
-                raise
-            found[path] = MacLayer(layer, weights, None, str(error))
-            return [Untyped(str(error))]
+                raise TypeInferenceError(
+                    f"An accumulator type needs a fixed-point input and kernel. Received: "
+                    f"layer={path!r} ({type(layer).__name__}): {reason}"
+                ) from None
+            found[path] = MacLayer(layer, weights, None, str(reason))
+            return Untyped(f"layer {path!r} has no accumulator type: {reason}")
         found[path] = MacLayer(layer, weights, types)
-        return [_activation_type(layer.activation, types.accumulator, layer)]
+        return activation_type(layer.activation, types.accumulator, layer)
 
-    propagate(model, _source_types(model, source_quantizers), visit)
-    return found
+    sources = _source_types(model, source_quantizers)
+    outputs = propagate(model, sources, visit)
+    after_float: dict[str, list[bool]] = {}
+
+    def follow_float(layer: Any, flags: list[bool], path: str) -> list[bool]:
+        after_float[path] = flags
+        return [any(flags) or isinstance(layers[path][1][0], Untyped)]
+
+    floats = [isinstance(value, Untyped) for value in sources]
+    outputs_after_float = propagate(model, floats, follow_float)
+    return TypeInference(found, layers, outputs, after_float, outputs_after_float)
+
+
+def mac_types(
+    model: keras.Model,
+    source_quantizers: Any = None,
+    mode: Mode = "widths",
+    *,
+    strict: bool = False,
+) -> dict[str, MacLayer]:
+    """Every MAC layer of ``model`` by path (``block/conv`` when nested), with its types.
+
+    See ``infer_types``; a MAC layer without a type has ``types=None``.
+    """
+    return infer_types(model, source_quantizers, mode, strict=strict).macs
+
+
+def warn_untyped(macs: dict[str, MacLayer]) -> None:
+    """One ``UntypedAccumulatorWarning`` per MAC layer without an accumulator type, saying why."""
+    for path, mac in macs.items():
+        if mac.types is None:
+            warnings.warn(
+                "A MAC layer has an accumulator type only when its input and kernel are fixed "
+                f"point; this one has none (bnfold.accumulator says '{FLOAT_MARKER}...'). "
+                f"Received: layer={path!r} ({type(mac.layer).__name__}): {mac.untyped}",
+                UntypedAccumulatorWarning,
+                stacklevel=3,
+            )
+
+
+# What ``bnfold.accumulator`` starts with on a MAC layer without a fixed-point type.
+FLOAT_MARKER = "float: "
 
 
 def accumulator_types(
-    model: keras.Model, source_quantizers: Any = None, *, mode: Mode = "widths"
+    model: keras.Model,
+    source_quantizers: Any = None,
+    *,
+    mode: Mode = "widths",
+    strict: bool = False,
 ) -> dict[str, FixedPoint]:
     """The accumulator type, bias included, of every multiply-accumulate layer.
 
     Args:
         model: a Keras model with QKeras, bnfold or plain Keras layers.
         source_quantizers: one quantizer (object, string or config dict) per
-            model input; None gives each input QKeras's default,
-            ``quantized_bits(8,0,1)``.
+            model input; None as in ``source_quantizers_for``.
         mode: "widths" for the type derived from the operand types alone (the
             QKeras and hls4ml convention), "weights" for the narrowest type
             holding every value the actual quantized weights can produce.
+        strict: raise instead of warning when a MAC layer has no type.
 
     Returns:
-        Layer path (``"block/conv"`` inside nested models) to accumulator type.
+        Layer path (``"block/conv"`` inside nested models) to accumulator type;
+        a MAC layer whose input or kernel is float is left out, with a warning.
 
     Raises:
-        TypeInferenceError: a MAC layer's input or kernel has no fixed-point type.
+        UnsupportedLayerError: a layer class bnfold has no entry for.
+        TypeInferenceError: with ``strict``, a MAC layer's input or kernel has no
+            fixed-point type.
         QuantizerError: a source quantizer has no fixed-point type.
+
+    Warns:
+        UntypedAccumulatorWarning: naming each MAC layer left out, and why.
     """
-    return {
-        path: mac.types.accumulator
-        for path, mac in mac_types(model, source_quantizers, mode).items()
-    }
+    macs = mac_types(model, source_quantizers, mode, strict=strict)
+    warn_untyped(macs)
+    return {path: mac.types.accumulator for path, mac in macs.items() if mac.types is not None}
 
 
 def _reset_compiled_functions(model: keras.Model) -> None:
@@ -366,7 +371,7 @@ def _reset_compiled_functions(model: keras.Model) -> None:
 
 
 def populate_bias_quantizer_from_accumulator(
-    model: keras.Model, source_quantizers: Sequence[Any] | None
+    model: keras.Model, source_quantizers: Sequence[Any] | None, *, strict: bool = False
 ) -> keras.Model:
     """Give each folded layer without a bias quantizer the type of its sum of products.
 
@@ -379,21 +384,28 @@ def populate_bias_quantizer_from_accumulator(
         model: a model with folded layers.
         source_quantizers: one quantizer per model input (objects, strings or
             config dicts); None for QKeras's default ``quantized_bits(8,0,1)``.
+        strict: raise instead of warning when a folded layer has no type.
 
     Returns:
         ``model``.
 
     Raises:
-        TypeInferenceError: a folded layer to fill has a float input or kernel
-            (other layers may be float).
+        TypeInferenceError: with ``strict``, a MAC layer has a float input or kernel.
+
+    Warns:
+        UntypedAccumulatorWarning: a folded layer to fill has a float input or
+            kernel; its bias quantizer stays None (QKeras leaves that bias float).
     """
-    for mac in mac_types(model, source_quantizers, strict=False).values():
+    macs = mac_types(model, source_quantizers, strict=strict)
+    unfilled = {}
+    for path, mac in macs.items():
         layer = mac.layer
         entry = folded_layer_type(layer)
         if entry is None or layer.bias_quantizer_internal is not None:
             continue
         if mac.types is None:
-            raise TypeInferenceError(mac.untyped)
+            unfilled[path] = mac
+            continue
         bias_type = mac.types.sum_of_products
         if bias_type.integer < 0:
             # QKeras cannot apply quantized_bits with negative integer bits; same step.
@@ -402,6 +414,7 @@ def populate_bias_quantizer_from_accumulator(
         layer.bias_quantizer = quantizer
         layer.bias_quantizer_internal = quantizer
         layer.quantizers = [getattr(layer, f"{entry.kernel_quantizer}_internal"), quantizer]
+    warn_untyped(unfilled)
     _reset_compiled_functions(model)
     return model
 

@@ -97,3 +97,16 @@ class RangeWarning(BnfoldWarning):
     a folded layer), and for an accumulator wider than
     32 bits (more than the 32-bit integer many hardware kernels accumulate in).
     """
+
+
+class UntypedAccumulatorWarning(BnfoldWarning):
+    """A MAC layer reads a value that is not fixed point, or has a float kernel.
+
+    It is exported in float, with ``bnfold.accumulator`` saying why and no
+    ``bnfold.accumulator_hls``; ``strict`` (``--strict-types``) makes it a
+    ``TypeInferenceError``.
+    """
+
+
+class InputQuantizerWarning(BnfoldWarning):
+    """A model input has no quantizer given and no QActivation reading it: a default is assumed."""

@@ -49,13 +49,19 @@ __all__ = ["convert_from_keras_model", "hls4ml_config", "prepare_for_hls4ml"]
 QONNX_DOMAIN = "qonnx.custom_op.general"
 # hls4ml's own default precision, for a model without any bnfold type.
 FALLBACK_PRECISION = "fixed<16,6>"
+# Layers that compute in float (batch normalization, float layers, what reads them) get
+# hls4ml's default precision; in a model with a float tail it holds at least 16 integer
+# and 16 fractional bits. Measured: the logits of a QDense + BatchNormalization +
+# QActivation MLP then equal QKeras's bit for bit (hls4ml's own union default misses by
+# up to 0.04). Pass default_precision to choose another.
+FLOAT_TAIL_PRECISION = FixedPoint(33, 16, True)
 _POOLING = ("MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool")
 # Ops whose output values are some of their input values: the input's type carries over.
 _SAME_VALUES = ("Reshape", "Flatten", "Transpose", "Squeeze", "MaxPool", "GlobalMaxPool")
 
 
 def prepare_for_hls4ml(
-    onnx_model: OnnxModel, *, default_precision: str | None = None
+    onnx_model: OnnxModel, *, default_precision: str | None = None, skip_softmax: bool = False
 ) -> tuple[ModelWrapper, dict[str, Any]]:
     """The graph hls4ml reads and the hls4ml configuration for it, in one call.
 
@@ -70,7 +76,15 @@ def prepare_for_hls4ml(
             (``export_onnx(..., per_channel_scales=False)``). It is not changed.
         default_precision: hls4ml's model-wide default type, which it gives to every
             layer it cannot type itself; None for the union of every type in the model,
-            which holds every value those layers can carry except wider sums.
+            which holds every value those layers can carry except wider sums, and, in a
+            model with float parts (``bnfold.float_tail``), of ``fixed<33,16>`` (16
+            integer and 16 fractional bits) for the layers that compute in float.
+        skip_softmax: set hls4ml's ``skip`` option on every Softmax, so that the
+            hardware outputs the logits (hls4ml's usual practice for a classifier
+            whose argmax is taken in software; the logits are then bit-exact where
+            the model computes them in fixed point). False keeps hls4ml's softmax,
+            computed with lookup tables (its ``stable`` implementation), which
+            approximates the float softmax.
 
     Returns:
         The cleaned ``qonnx.core.modelwrapper.ModelWrapper`` and the configuration
@@ -81,11 +95,14 @@ def prepare_for_hls4ml(
             cannot read, or a node's bnfold metadata is malformed.
     """
     model = _scalar_quant_parameters(_average_pools_as_convolutions(_copy(onnx_model)))
+    float_tail = any(entry.key == "bnfold.float_tail" for entry in model.model.metadata_props)
     cleaned = _qonnx_preprocessing(model)
-    return cleaned, _Config(cleaned).build(default_precision)
+    return cleaned, _Config(cleaned).build(default_precision, skip_softmax, float_tail)
 
 
-def hls4ml_config(onnx_model: OnnxModel, *, default_precision: str | None = None) -> dict[str, Any]:
+def hls4ml_config(
+    onnx_model: OnnxModel, *, default_precision: str | None = None, skip_softmax: bool = False
+) -> dict[str, Any]:
     """An hls4ml configuration (granularity "name") with bnfold's fixed-point types.
 
     The keys under ``LayerName`` are the graph input and node names of the graph
@@ -108,6 +125,7 @@ def hls4ml_config(onnx_model: OnnxModel, *, default_precision: str | None = None
     Args:
         onnx_model: As for :func:`prepare_for_hls4ml`.
         default_precision: As for :func:`prepare_for_hls4ml`.
+        skip_softmax: As for :func:`prepare_for_hls4ml`.
 
     Returns:
         ``{"Model": {...}, "LayerName": {name: {"Precision": {...}}}}``, types in
@@ -116,7 +134,9 @@ def hls4ml_config(onnx_model: OnnxModel, *, default_precision: str | None = None
     Raises:
         ExportError: As for :func:`prepare_for_hls4ml`.
     """
-    return prepare_for_hls4ml(onnx_model, default_precision=default_precision)[1]
+    return prepare_for_hls4ml(
+        onnx_model, default_precision=default_precision, skip_softmax=skip_softmax
+    )[1]
 
 
 def _copy(onnx_model: OnnxModel) -> ModelWrapper:
@@ -331,7 +351,10 @@ class _Config:
         self.types.append(fixed)
         return fixed.hls4ml_precision(quantizing=quantizing)
 
-    def build(self, default_precision: str | None) -> dict[str, Any]:
+    def build(
+        self, default_precision: str | None, skip_softmax: bool, float_tail: bool
+    ) -> dict[str, Any]:
+        self.float_tail = float_tail
         layers: dict[str, dict[str, Any]] = {}
         for tensor in self.model.graph.input:
             quants = [
@@ -348,10 +371,14 @@ class _Config:
             elif node.op_type in _POOLING:
                 precision["accum"] = "auto"
             layers[node.name] = {"Precision": precision}
+            if node.op_type == "Softmax":
+                layers[node.name]["skip"] = skip_softmax
         for node in self.model.graph.node:
             self.typed(_quant_type(self.model, node))
         if default_precision is None:
             default_precision = FALLBACK_PRECISION
+            if self.float_tail:
+                self.types.append(FLOAT_TAIL_PRECISION)
             if self.types:
                 union = self.types[0]
                 for fixed in self.types[1:]:

@@ -17,53 +17,13 @@ import numpy as np
 
 from bnfold.errors import InvalidWeightsError, UnsupportedLayerError
 from bnfold.fixedpoint import FixedPoint, QuantizerError
-from bnfold.folding import FOLDED_LAYER_TYPES, folded_layer_type, folded_weights
+from bnfold.folding import folded_layer_type, folded_weights
 from bnfold.keras import tf
-
-
-@dataclass(frozen=True)
-class MacLayerType:
-    """Where a MAC layer keeps its kernel and kernel quantizer.
-
-    Attributes:
-        kernel: attribute name of the kernel variable.
-        kernel_quantizer: attribute holding the kernel quantizer object, None for
-            plain Keras layers.
-        output_channel_axes: trailing kernel axes that index output channels; the
-            other axes are summed over, so their sizes multiply to the number of
-            products summed per output.
-    """
-
-    kernel: str
-    kernel_quantizer: str | None
-    output_channel_axes: int = 1
-
-
-MAC_LAYER_TYPES: dict[str, MacLayerType] = {
-    "QConv1D": MacLayerType("kernel", "kernel_quantizer_internal"),
-    "QConv2D": MacLayerType("kernel", "kernel_quantizer_internal"),
-    "QDense": MacLayerType("kernel", "kernel_quantizer_internal"),
-    "QDepthwiseConv2D": MacLayerType("depthwise_kernel", "depthwise_quantizer_internal", 2),
-    "Conv1D": MacLayerType("kernel", None),
-    "Conv2D": MacLayerType("kernel", None),
-    "Dense": MacLayerType("kernel", None),
-    "DepthwiseConv2D": MacLayerType("depthwise_kernel", None, 2),
-    **{
-        entry.folded: MacLayerType(
-            entry.kernel, f"{entry.kernel_quantizer}_internal", entry.output_channel_axes
-        )
-        for entry in FOLDED_LAYER_TYPES.values()
-    },
-}
+from bnfold.layer_table import LAYERS, mac_layer_type
 
 # The finest grid on which a plain Keras layer's float weights are read as fixed
 # point; trained float weights need more, so they stay float.
 _MAX_FRACTIONAL_BITS = 16
-
-
-def mac_layer_type(layer: Any) -> MacLayerType | None:
-    """The table entry for ``layer``, or None when it is not a MAC layer."""
-    return MAC_LAYER_TYPES.get(type(layer).__name__)
 
 
 @dataclass(frozen=True)
@@ -193,7 +153,8 @@ def quantized_weights(layer: Any) -> QuantizedWeights:
     entry = mac_layer_type(layer)
     if entry is None:
         raise UnsupportedLayerError(
-            f"Only multiply-accumulate layers ({', '.join(MAC_LAYER_TYPES)}) have kernels. "
+            "Only multiply-accumulate layers "
+            f"({', '.join(name for name, spec in LAYERS.items() if spec.mac)}) have kernels. "
             f"Received: layer={layer.name!r} of class {type(layer).__name__}"
         )
     if folded_layer_type(layer) is not None:

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         "(default: Keras's NHWC); either way each carries its layout annotation",
     )
     parser.add_argument(
+        "--strict-types",
+        action="store_true",
+        help="fail where a MAC layer has no fixed-point accumulator type (a float input "
+        "or kernel) instead of exporting it in float with a warning",
+    )
+    parser.add_argument(
         "--report", type=Path, metavar="PATH", help="also write the per-layer table as JSON"
     )
     parser.add_argument(
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=None if args.dynamic_batch else 1,
             # hls4ml 1.3.0 reads one scale per weight Quant node.
             per_channel_scales=args.per_channel_scales and not args.hls4ml_config,
+            strict=args.strict_types,
             safe=not args.unsafe_load,
             max_memory=args.max_memory,
             channels_first=args.channels_first,
@@ -211,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     print(_layer_table(layers))
     if verification and verification.get("tolerance"):
         print(
-            f"verified (float model): QONNX matches Keras within {verification['tolerance']:g} "
-            f"on {verification['samples']} samples "
-            f"(max difference {verification['max_difference']})"
+            f"verified: QONNX equals QKeras exactly where it computes in fixed point and "
+            f"within {verification['tolerance']:g} on float outputs, on "
+            f"{verification['samples']} samples (max difference "
+            f"{verification['max_difference']})"
         )
     elif verification:
         print(

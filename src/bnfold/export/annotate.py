@@ -98,6 +98,7 @@ class _Annotator:
         self.new_initializers: list[onnx.TensorProto] = []
         self.new_nodes: list[onnx.NodeProto] = []
         self.mac_nodes: dict[str, str] = {}  # ONNX node name -> Keras layer path
+        self.probes: list[dict[str, Any]] = []
         self.names: set[str] = {node.name for node in self.graph.node}
         self.names |= {tensor.name for tensor in self.graph.initializer}
 
@@ -224,6 +225,7 @@ class _Annotator:
         }
         found: dict[int, int] = defaultdict(int)
         nodes = []
+        bypassed: dict[str, str] = {}  # a probe Mul's output -> its input
         for node in self.graph.node:
             value = constants.get(node.input[0]) if node.op_type == "Mul" else None
             number = (
@@ -234,6 +236,17 @@ class _Annotator:
                 continue
             found[number] += 1
             point: PointRecord = self.stripped.points[number]
+            if point.quant is None:
+                bypassed[node.output[0]] = bypassed.get(node.input[1], node.input[1])
+                if point.role == "probe":
+                    self.probes.append(
+                        {
+                            "tensor": bypassed[node.output[0]],
+                            "layer": point.path,
+                            "input": point.index,
+                        }
+                    )
+                continue
             nodes.append(
                 self.quant_node(
                     node.input[1], node.output[0], point.quant, 1.0, point.path, point.role
@@ -249,8 +262,18 @@ class _Annotator:
                 "Every activation and input quantizer must find exactly one place in the ONNX "
                 f"graph. Received: none or several for the {', '.join(lost)}"
             )
+        for node in nodes:
+            node.input[:] = [bypassed.get(name, name) for name in node.input]
         del self.graph.node[:]
         self.graph.node.extend(nodes)
+
+    def float_tail(self) -> dict[str, str]:
+        """``bnfold.float_tail``: the outputs computed in float, and the fixed-point tensors
+        float ops read (verified exactly); nothing for a model computed in fixed point."""
+        if not self.probes and not self.stripped.float_outputs:
+            return {}
+        tail = {"outputs": self.stripped.float_outputs, "boundaries": self.probes}
+        return {"float_tail": json.dumps(tail)}
 
     # --------------------------------------------------------------- node forms
 
@@ -354,7 +377,7 @@ class _Annotator:
                 node,
                 kernel_quantizer=record.kernel_quantizer,
                 bias_quantizer=record.bias_quantizer,
-                accumulator=record.accumulator and record.accumulator.quantizer_string(),
+                accumulator=record.accumulator_marker(),
                 accumulator_hls=record.accumulator and record.accumulator.hls(),
             )
 
@@ -368,6 +391,8 @@ class _Annotator:
         for node in self.graph.node:
             node.output[:] = [renames.get(name, name) for name in node.output]
             node.input[:] = [renames.get(name, name) for name in node.input]
+        for probe in self.probes:
+            probe["tensor"] = renames.get(probe["tensor"], probe["tensor"])
 
     def interface_annotations(self, channels_first: bool) -> None:
         """Each graph input's datatype (FINN reads it) and each input's and output's layout.
@@ -529,6 +554,7 @@ def annotate(
     annotator.interface_annotations(channels_first)
     summary = {
         "layers": json.dumps([record.summary() for record in stripped.layers.values()]),
+        **annotator.float_tail(),
         **(metadata or {}),
     }
     for key, value in summary.items():

@@ -20,7 +20,12 @@ import onnx
 
 from bnfold import __version__
 from bnfold.accumulator import populate_bias_quantizer_from_accumulator, source_quantizers_for
-from bnfold.errors import BnfoldError, ExportError, FloatModelWarning
+from bnfold.errors import (
+    BnfoldError,
+    ExportError,
+    FloatModelWarning,
+    UntypedAccumulatorWarning,
+)
 from bnfold.export.annotate import annotate
 from bnfold.export.convert import convert
 from bnfold.export.strip import strip
@@ -41,9 +46,6 @@ STAGES = ("load", "populate", "unfold", "strip", "convert", "annotate", "verify"
 VERIFY_SAMPLES = 8
 # tf2onnx converts up to opset 18; below 9 the exported graph fails verification.
 OPSETS = range(9, 19)
-# Models without quantizers compute in float32, where TensorFlow and onnxruntime
-# sum in different orders; relative to the largest output magnitude.
-FLOAT_TOLERANCE = 1e-4
 
 
 def _source(path: Path | None) -> dict[str, str]:
@@ -143,6 +145,7 @@ def export_onnx(
     verify: bool = True,
     batch_size: int | None = 1,
     per_channel_scales: bool = True,
+    strict: bool = False,
     safe: bool = True,
     max_memory: int | None = None,
     channels_first: bool = False,
@@ -155,16 +158,20 @@ def export_onnx(
             A model passed in is not changed: populating works on a copy.
         output_path: where to write the ONNX file (atomically), or None.
         source_quantizers: one quantizer (object, string, config dict, or None for
-            a float input) per model input; None gives each QKeras's default,
-            ``quantized_bits(8,0,1)``.
+            a float input) per model input; None gives each input the quantizer of a
+            ``QActivation`` that alone reads it, else QKeras's default,
+            ``quantized_bits(8,0,1)``, with an ``InputQuantizerWarning``.
         opset: the ONNX opset of the standard ops.
         verify: compare QONNX execution with QKeras inference on sample inputs
-            and fail unless they agree exactly.
+            and fail unless they agree: exactly where the model computes in fixed
+            point, within ``FLOAT_TOLERANCE`` on outputs computed after a float op.
         batch_size: the static batch size of the ONNX inputs (hardware flows need
             static shapes), or None for a dynamic batch.
         per_channel_scales: write per-channel power-of-two kernel scales as a
             per-channel scale tensor (QONNX, FINN); False gives each kernel one
             scale and enough bits for every channel, which hls4ml 1.3.0 needs.
+        strict: fail with ``TypeInferenceError`` where a MAC layer has no
+            accumulator type, instead of exporting it in float with a warning.
         safe: refuse a model file that holds code (see ``bnfold.load_model``);
             False runs that code, for a file you trust.
         max_memory: refuse a model file whose declared sizes need more bytes
@@ -187,11 +194,16 @@ def export_onnx(
     Raises:
         bnfold.errors.BnfoldError: a subclass naming the file, layer or quantizer at
             fault; ``OutputPathError`` before any work if ``output_path`` cannot be
-            written; ``ExportError`` naming the stage for any unforeseen failure.
+            written; ``UnsupportedLayerError`` for a layer class or activation the
+            layer table lacks; ``TypeInferenceError`` with ``strict``; ``ExportError``
+            naming the stage for any unforeseen failure.
 
     Warns:
         bnfold.errors.BnfoldWarning: ``FloatModelWarning`` as above; ``RangeWarning``
-            for a bias (folded or not) its quantizer clips, or an accumulator over 32 bits.
+            for a bias (folded or not) its quantizer clips, or an accumulator over 32 bits;
+            ``UntypedAccumulatorWarning`` naming each MAC layer without an accumulator
+            type (a float input or kernel); ``InputQuantizerWarning`` for an input
+            given QKeras's default quantizer.
     """
     notify = on_stage or _log_stage
     source_path = None if isinstance(model_or_path, keras.Model) else Path(model_or_path)
@@ -209,7 +221,10 @@ def export_onnx(
         model = load_model(source_path, safe=safe, max_memory=max_memory)
     quantized, sources = _input_quantizers(model, source_quantizers, source_path)
     notify("populate")
-    populate_bias_quantizer_from_accumulator(model, sources)
+    with warnings.catch_warnings():
+        # The strip stage warns about the same layers, once, with the rest.
+        warnings.simplefilter("ignore", UntypedAccumulatorWarning)
+        populate_bias_quantizer_from_accumulator(model, sources, strict=strict and quantized)
     notify("unfold")
     unfolded = unfold_model(model)
     notify("strip")
@@ -219,7 +234,8 @@ def export_onnx(
         batch_size=batch_size,
         folded=model,
         per_channel_scales=per_channel_scales,
-        allow_float=not quantized,
+        strict=strict,
+        quantized=quantized,
     )
     notify("convert")
     converted = convert(stripped, opset=opset, channels_first=channels_first)
@@ -237,7 +253,7 @@ def export_onnx(
             model,
             exported,
             sample_inputs(model, source_types, VERIFY_SAMPLES),
-            tolerance=0.0 if quantized else FLOAT_TOLERANCE,
+            float_outputs=None if quantized else stripped.output_names,
         )
     if output_path is not None:
         notify("write")

@@ -24,52 +24,26 @@ from typing import Any
 import numpy as np
 
 from bnfold.accumulator import (
-    VALUE_PRESERVING_LAYERS,
+    FLOAT_MARKER,
     MacLayer,
-    mac_types,
+    TypeInference,
+    infer_types,
     warn_unrepresentable,
+    warn_untyped,
 )
 from bnfold.errors import QuantizerError, UnsupportedLayerError, UnsupportedShapeError
 from bnfold.fixedpoint import FixedPoint
 from bnfold.folding import constructor_arguments, folded_layer_type
 from bnfold.graph import iter_layers, propagate
 from bnfold.keras import keras, tf
-from bnfold.mac import mac_layer_type
+from bnfold.layer_table import layer_spec, mac_layer_type
+from bnfold.typerules import Untyped
 
 POINT_PREFIX = "bnfold:"
 # First marker's bit pattern: 2**64, a value no real weight or constant has; markers
 # are the consecutive float32 values above it (room for 5e8 of them before inf).
 _MARKER_BASE = int(np.float32(2.0**64).view(np.int32))
 
-_FLOAT_MAC_CLASSES = {
-    "QConv1D": keras.layers.Conv1D,
-    "QConv2D": keras.layers.Conv2D,
-    "QDense": keras.layers.Dense,
-    "QDepthwiseConv2D": keras.layers.DepthwiseConv2D,
-    "Conv1D": keras.layers.Conv1D,
-    "Conv2D": keras.layers.Conv2D,
-    "Dense": keras.layers.Dense,
-    "DepthwiseConv2D": keras.layers.DepthwiseConv2D,
-}
-# Layers exported as they are: tf2onnx converts them to standard ops.
-_PLAIN_LAYERS = (
-    *VALUE_PRESERVING_LAYERS,
-    "AveragePooling1D",
-    "AveragePooling2D",
-    "GlobalAveragePooling1D",
-    "GlobalAveragePooling2D",
-    "Add",
-    "Concatenate",
-)
-SUPPORTED_LAYERS = (
-    *(name for name in _FLOAT_MAC_CLASSES),
-    "QActivation",
-    "Activation (relu, linear)",
-    "ReLU",
-    *_PLAIN_LAYERS,
-    "nested models",
-    *("QConv2DBatchnorm", "QDepthwiseConv2DBatchnorm", "QDenseBatchnorm"),
-)
 # Settings that describe training, not the computation.
 _TRAINING_SETTINGS = ("_initializer", "_regularizer", "_constraint", "_quantizer", "_range")
 
@@ -102,11 +76,20 @@ class WeightRecord:
 
 @dataclass(frozen=True)
 class PointRecord:
-    """A quantizer on an activation or a model input."""
+    """A quantizer on an activation or a model input, or a probe.
+
+    A probe (role "probe", no quant) marks a fixed-point tensor that a float
+    layer reads: the last exact values before a float tail, which verification
+    compares exactly. ``path`` is then the float layer, ``index`` which of its
+    inputs (-1: a MAC layer's own output, before its float activation). A
+    barrier (role "barrier", no quant) only keeps tf2onnx from merging two ops;
+    annotate removes both kinds.
+    """
 
     path: str
-    role: str  # "activation" or "input"
-    quant: QuantSpec
+    role: str  # "activation", "input", "probe" or "barrier"
+    quant: QuantSpec | None
+    index: int = 0
 
 
 @dataclass
@@ -119,7 +102,14 @@ class LayerRecord:
     bias_quantizer: str | None = None
     activation: str | None = None
     accumulator: FixedPoint | None = None
+    untyped: str | None = None  # why a MAC layer has no accumulator type
     scopes: list[str] = field(default_factory=list)
+
+    def accumulator_marker(self) -> str | None:
+        """``bnfold.accumulator``: the type's quantizer string, or why it is float."""
+        if self.accumulator is not None:
+            return self.accumulator.quantizer_string()
+        return None if self.untyped is None else f"{FLOAT_MARKER}{self.untyped}"
 
     def summary(self) -> dict[str, Any]:
         """The JSON-friendly form, as written to ``bnfold.layers`` and ``--report``."""
@@ -129,9 +119,7 @@ class LayerRecord:
             "kernel_quantizer": self.kernel_quantizer,
             "bias_quantizer": self.bias_quantizer,
             "activation": self.activation,
-            "accumulator": None
-            if self.accumulator is None
-            else self.accumulator.quantizer_string(),
+            "accumulator": self.accumulator_marker(),
             "accumulator_hls": None if self.accumulator is None else self.accumulator.hls(),
         }
 
@@ -146,6 +134,7 @@ class Stripped:
     points: list[PointRecord]
     scopes: dict[str, str]  # float layer name -> Keras layer path
     output_names: list[str]  # the Keras model's output names, for the ONNX outputs
+    float_outputs: list[str]  # those computed after a float op: verified within a tolerance
 
 
 MAX_POINTS = 2**20 - 1
@@ -253,8 +242,11 @@ def _float_config(layer: Any, float_class: type) -> dict[str, Any]:
 class _Stripper:
     """Builds the float model layer by layer while recording the table."""
 
-    def __init__(self, macs: dict[str, MacLayer], per_channel_scales: bool) -> None:
-        self.macs = macs
+    def __init__(self, types: TypeInference, per_channel_scales: bool, quantized: bool) -> None:
+        self.quantized = quantized
+        self.macs = types.macs
+        self.types = types.layers
+        self.after_float = types.after_float
         self.per_channel_scales = per_channel_scales
         self.layers: dict[str, LayerRecord] = {}
         self.weights: list[WeightRecord] = []
@@ -269,13 +261,15 @@ class _Stripper:
         self.layers[path].scopes.append(scope)
         return scope
 
-    def point(self, tensor: Any, path: str, role: str, quant: QuantSpec, relu: bool) -> Any:
+    def point(
+        self, tensor: Any, path: str, role: str, quant: QuantSpec | None, relu: bool, index: int = 0
+    ) -> Any:
         if len(self.points) == MAX_POINTS:
             raise UnsupportedLayerError(
                 f"bnfold exports at most {MAX_POINTS} quantized activations and inputs. "
                 f"Received: more, at layer={path!r}"
             )
-        self.points.append(PointRecord(path, role, quant))
+        self.points.append(PointRecord(path, role, quant, index))
         return QuantPoint(len(self.points) - 1, relu=relu, name=self._scope(path))(tensor)
 
     def _record(self, path: str, layer: Any) -> LayerRecord:
@@ -285,46 +279,86 @@ class _Stripper:
 
     def visit(self, layer: Any, tensors: list[Any], path: str) -> list[Any]:
         record = self._record(path, layer)
-        name = type(layer).__name__
-        if name in _FLOAT_MAC_CLASSES:
-            return [self._mac(layer, tensors[0], path, record)]
-        if name == "QActivation":
-            quant, relu = _activation_quant(layer.quantizer, path)
-            record.activation = quant.quantizer
-            return [self.point(tensors[0], path, "activation", quant, relu)]
-        if name in ("Activation", "ReLU") or name in _PLAIN_LAYERS:
-            return [self._plain(layer, tensors, path)]
-        raise UnsupportedLayerError(
-            f"bnfold cannot export layers of class {name}. Received: layer={path!r} of class "
-            f"{name}. Supported: {', '.join(SUPPORTED_LAYERS)}"
+        if path not in self.float_layers and self._starts_float_tail(path):
+            inputs, after_float = self.types[path][0], self.after_float[path]
+            tensors = [
+                self.point(tensor, path, "probe", None, False, index)
+                if isinstance(value, FixedPoint) and not floated
+                else tensor
+                for index, (tensor, value, floated) in enumerate(
+                    zip(tensors, inputs, after_float, strict=True)
+                )
+            ]
+        export = getattr(self, f"_{layer_spec(layer).export}")
+        return [export(layer, tensors, path, record)]
+
+    def _starts_float_tail(self, path: str) -> bool:
+        """Whether the layer's output is float while an input is fixed point.
+
+        A MAC layer with a type computes exactly; a float activation after it is
+        probed on its own (``_activation``).
+        """
+        inputs, outputs = self.types[path]
+        mac = self.macs.get(path)
+        if mac is not None and mac.types is not None:
+            return False
+        return isinstance(outputs[0], Untyped) and any(
+            isinstance(value, FixedPoint) for value in inputs
         )
 
-    def _plain(self, layer: Any, tensors: list[Any], path: str) -> Any:
-        name = type(layer).__name__
-        if name == "Activation" and layer.activation.__name__ not in ("relu", "linear"):
-            raise UnsupportedLayerError(
-                "An Activation layer must be relu or linear to export. Received: "
-                f"layer={path!r} with activation {layer.activation.__name__!r}"
-            )
-        if name == "ReLU" and (
-            layer.max_value is not None
-            or float(layer.negative_slope) != 0
-            or float(layer.threshold) != 0
-        ):
-            raise UnsupportedLayerError(
-                "A ReLU layer must have no max_value, negative_slope or threshold to export. "
-                f"Received: layer={path!r}"
-            )
-        if path not in self.float_layers:
-            config = {**layer.get_config(), "name": self._scope(path)}
-            self.float_layers[path] = type(layer).from_config(config)
-        float_layer = self.float_layers[path]
-        return float_layer(tensors if len(tensors) > 1 else tensors[0])
+    def _quantizer(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
+        quant, relu = _activation_quant(layer.quantizer, path)
+        record.activation = quant.quantizer
+        return self.point(tensors[0], path, "activation", quant, relu)
 
-    def _mac(self, layer: Any, tensor: Any, path: str, record: LayerRecord) -> Any:
+    def _copy(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
+        return self._rebuilt(layer, tensors, path, type(layer), layer.get_config(), layer.weights)
+
+    def _batchnorm(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
+        """A BatchNormalization with the weights ``layer`` computes with at inference.
+
+        QBatchNormalization quantizes gamma, beta, mean and variance before
+        normalizing; the exported op holds those quantized values. It stays a
+        batch normalization, not folded into the layer before it, whose kernel was
+        quantized before the normalization: folding would change the numbers.
+        tf2onnx writes it as ONNX ``BatchNormalization`` on 4-D tensors, which
+        hls4ml's ONNX front end reads (after qonnx's channels-last pass, which
+        converts BatchNormalization but moves only scalar Mul/Add) and FINN's
+        streamlining turns into thresholds; on 2-D tensors Keras computes it as a
+        Mul and an Add with constants, which both read as well.
+        """
+        if not any(point.path == path for point in self.points[-1:]):
+            # tf2onnx folds a batch normalization into the convolution before it,
+            # kernel markers included; a point between them keeps them apart.
+            tensors = [self.point(tensors[0], path, "barrier", None, False)]
+        config = {
+            key: value
+            for key, value in layer.get_config().items()
+            if key in constructor_arguments(keras.layers.BatchNormalization)
+            and not key.endswith(_TRAINING_SETTINGS)
+        }
+        return self._rebuilt(
+            layer, tensors, path, keras.layers.BatchNormalization, config, batchnorm_weights(layer)
+        )
+
+    def _rebuilt(
+        self, layer: Any, tensors: list[Any], path: str, cls: type, config: dict, weights: list
+    ) -> Any:
+        """``layer`` as a new ``cls`` layer (once, even when shared) with ``weights``."""
+        inputs = tensors if len(tensors) > 1 else tensors[0]
+        if path in self.float_layers:
+            return self.float_layers[path](inputs)
+        float_layer = cls.from_config({**config, "name": self._scope(path)})
+        output = float_layer(inputs)
+        float_layer.set_weights([np.asarray(weight) for weight in weights])
+        self.float_layers[path] = float_layer
+        return output
+
+    def _mac(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
+        tensor = tensors[0]
         mac = self.macs[path]
         if path not in self.float_layers:
-            float_class = _FLOAT_MAC_CLASSES[type(layer).__name__]
+            float_class = getattr(keras.layers, mac_layer_type(layer).float_class)
             config = _float_config(layer, float_class) | {"name": self._scope(path)}
             float_layer = float_class(**config)
             float_layer.build(tensor.shape)
@@ -340,24 +374,45 @@ class _Stripper:
             float_layer.set_weights(markers)
             self.float_layers[path] = float_layer
             record.accumulator = mac.types and mac.types.accumulator
+            record.untyped = mac.untyped if self.quantized else None
         output = self.float_layers[path](tensor)
         return self._activation(layer.activation, output, path, record)
 
     def _activation(self, activation: Any, tensor: Any, path: str, record: LayerRecord) -> Any:
+        """A MAC layer's activation: a QKeras quantizer is a Quant, a function its own layer."""
         name = getattr(activation, "__name__", None)
         if name == "linear":
             return tensor
-        if name == "relu":
-            record.activation = "relu"
-            return keras.layers.ReLU(name=self._scope(path))(tensor)
         if type(activation).__module__.startswith("qkeras"):
             quant, relu = _activation_quant(activation, path)
             record.activation = quant.quantizer
             return self.point(tensor, path, "activation", quant, relu)
-        raise UnsupportedLayerError(
-            "A layer's activation must be linear, relu or a QKeras quantizer to export. "
-            f"Received: layer={path!r} with activation {name or activation!r}"
-        )
+        record.activation = name
+        if record.accumulator is not None and name != "relu" and not any(self.after_float[path]):
+            tensor = self.point(tensor, path, "probe", None, False, -1)
+        return keras.layers.Activation(activation, name=self._scope(path))(tensor)
+
+
+def batchnorm_weights(layer: Any) -> list[np.ndarray]:
+    """gamma, beta, moving mean and variance as ``layer`` applies them at inference.
+
+    A QBatchNormalization applies its gamma, beta, mean and variance quantizers
+    to them first; a missing gamma (``scale=False``) or beta (``center=False``)
+    stays missing, as in a BatchNormalization with the same settings.
+    """
+    weights = []
+    for name, quantizer in (
+        ("gamma", "gamma_quantizer_internal"),
+        ("beta", "beta_quantizer_internal"),
+        ("moving_mean", "mean_quantizer_internal"),
+        ("moving_variance", "variance_quantizer_internal"),
+    ):
+        variable = getattr(layer, name)
+        if variable is None:
+            continue
+        apply = getattr(layer, quantizer, None)
+        weights.append(np.asarray(apply(variable) if apply else variable, dtype=np.float32))
+    return weights
 
 
 def _input_spec(tensor: Any, batch_size: int | None) -> tuple[int | None, ...]:
@@ -384,7 +439,8 @@ def strip(
     batch_size: int | None = 1,
     folded: keras.Model | None = None,
     per_channel_scales: bool = True,
-    allow_float: bool = False,
+    strict: bool = False,
+    quantized: bool = True,
 ) -> Stripped:
     """Turn a plain (unfolded) QKeras model into a float model with markers, and its table.
 
@@ -396,8 +452,9 @@ def strip(
             table reports (a user knows their layers as QConv2DBatchnorm, ...).
         per_channel_scales: keep per-channel power-of-two kernel scales as a
             scale tensor; False gives each kernel one scale and a wider bit width.
-        allow_float: let MAC layers with a float input or kernel through, without
-            an accumulator type (for models with no quantizer at all).
+        strict: raise instead of warning when a MAC layer has no accumulator type.
+        quantized: False for a model without quantizers, whose MAC layers have no
+            types by design (no warnings then).
 
     Returns:
         The float model and the records annotate needs.
@@ -406,19 +463,22 @@ def strip(
         UnsupportedLayerError: a layer or activation bnfold cannot export.
         UnsupportedShapeError: an input dimension other than the batch is unknown.
         QuantizerError: a quantizer with no QONNX Quant form.
-        TypeInferenceError: a MAC layer has no accumulator type (unless ``allow_float``).
+        TypeInferenceError: with ``strict``, a MAC layer has no accumulator type.
 
     Warns:
+        UntypedAccumulatorWarning: naming each MAC layer without an accumulator type.
         RangeWarning: a bias (folded or not) beyond its quantizer's range, or an
             accumulator wider than 32 bits.
     """
     specs = [_input_spec(tensor, batch_size) for tensor in model.inputs]
-    macs = mac_types(model, source_quantizers, strict=not allow_float)
+    types = infer_types(model, source_quantizers, strict=strict and quantized)
+    if quantized:
+        warn_untyped(types.macs)
     folded_layers = list(iter_layers(folded)) if folded is not None else []
     warn_unrepresentable(
-        macs, folded=[path for path, layer in folded_layers if folded_layer_type(layer)]
+        types.macs, folded=[path for path, layer in folded_layers if folded_layer_type(layer)]
     )
-    stripper = _Stripper(macs, per_channel_scales)
+    stripper = _Stripper(types, per_channel_scales, quantized)
     inputs, starts = [], []
     for tensor, spec, quantizer in zip(model.inputs, specs, source_quantizers, strict=True):
         name = tensor.name.split(":")[0]
@@ -443,4 +503,9 @@ def strip(
         stripper.points,
         stripper.scopes,
         list(model.output_names),
+        [
+            name
+            for name, floated in zip(model.output_names, types.outputs_after_float, strict=True)
+            if floated
+        ],
     )

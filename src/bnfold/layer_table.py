@@ -1,0 +1,325 @@
+"""Every Keras layer class bnfold handles, one entry each, and everything bnfold does with it.
+
+An entry says how the type of the layer's output follows from its inputs (a
+rule of ``bnfold.typerules``; a MAC layer is typed from its weights instead),
+where a MAC layer keeps its kernel, how the strip stage exports the layer, the
+ONNX ops it becomes, whether the export computes it exactly, and what hls4ml's
+ONNX front end and FINN read of it. The README's table of supported layers is
+checked against this one by a test. Adding a layer class is one entry here and
+its test. Folded layers stay in ``bnfold.folding.FOLDED_LAYER_TYPES``, the one
+place for them; their entries here are derived from it.
+
+Export kinds (``LayerSpec.export``), one method each in the strip stage:
+
+- ``"mac"``: rebuilt as the plain Keras class ``float_class`` holding weight
+  markers; its kernel and bias quantizers become Quant nodes.
+- ``"quantizer"``: the layer's quantizer becomes a Quant node.
+- ``"copy"``: rebuilt from its config with its weights; tf2onnx converts it.
+- ``"batchnorm"``: a Keras BatchNormalization holding the weights the layer
+  computes with (QBatchNormalization: after its quantizers).
+- ``"unfolded"``: the unfold stage replaces it before the strip stage runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bnfold import typerules
+from bnfold.errors import UnsupportedLayerError
+from bnfold.folding import FOLDED_LAYER_TYPES
+from bnfold.graph import iter_layers
+from bnfold.keras import keras
+
+
+@dataclass(frozen=True)
+class MacLayerType:
+    """Where a MAC layer keeps its kernel and kernel quantizer.
+
+    Attributes:
+        kernel: attribute name of the kernel variable.
+        kernel_quantizer: attribute holding the kernel quantizer object, None for
+            plain Keras layers.
+        output_channel_axes: trailing kernel axes that index output channels; the
+            other axes are summed over, so their sizes multiply to the number of
+            products summed per output.
+        float_class: the plain Keras class the strip stage rebuilds it as.
+    """
+
+    kernel: str
+    kernel_quantizer: str | None
+    output_channel_axes: int = 1
+    float_class: str = ""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What bnfold does with one Keras layer class.
+
+    Attributes:
+        name: the Keras class name.
+        export: how the strip stage exports it (see the module docstring).
+        onnx: the ONNX ops it becomes, as the README shows them.
+        exact: "exact" when the export computes it bit for bit as QKeras does,
+            "float" when within the float tolerance, or the condition for exact.
+        hls4ml: what hls4ml 1.3.0's ONNX front end makes of those ops.
+        finn: what FINN (through QONNX) makes of them.
+        type_rule: the output type from the input types; None for MAC layers,
+            which are typed from their weights.
+        mac: where a MAC layer keeps its kernel; None for other layers.
+    """
+
+    name: str
+    export: str
+    onnx: str
+    exact: str
+    hls4ml: str
+    finn: str
+    type_rule: typerules.TypeRule | None = None
+    mac: MacLayerType | None = None
+
+
+@dataclass(frozen=True)
+class ActivationFunction:
+    """A Keras activation function (``Activation`` layer or ``activation=`` argument)."""
+
+    name: str
+    onnx: str
+    exact: str
+    hls4ml: str
+    finn: str
+
+
+_MOVES = "yes"
+_UNTESTED = "every op has a handler; untested"
+_FLOAT_OP = "no (float op, left to software)"
+
+
+def _mac(name: str, float_class: str, quantized: bool, onnx: str, hls4ml: str) -> LayerSpec:
+    depthwise = "Depthwise" in name
+    kernel = "depthwise_kernel" if depthwise else "kernel"
+    quantizer = None
+    if quantized:
+        quantizer = "depthwise_quantizer_internal" if depthwise else "kernel_quantizer_internal"
+    return LayerSpec(
+        name,
+        "mac",
+        f"{onnx} (+ Quant on weights)" if quantized else onnx,
+        "exact" if quantized else "exact if its weights and input are fixed point",
+        hls4ml,
+        "yes" if quantized else _FLOAT_OP,
+        mac=MacLayerType(kernel, quantizer, 2 if depthwise else 1, float_class),
+    )
+
+
+def _plain(name: str, rule: typerules.TypeRule, onnx: str, hls4ml: str = _MOVES) -> LayerSpec:
+    return LayerSpec(name, "copy", onnx, "exact", hls4ml, "yes", type_rule=rule)
+
+
+def _no_handler(*ops: str) -> str:
+    return f"no (no handler for {', '.join(ops)})"
+
+
+def _float(name: str, onnx: str, hls4ml: str, export: str = "copy") -> LayerSpec:
+    return LayerSpec(
+        name, export, onnx, "float", hls4ml, _FLOAT_OP, type_rule=typerules.float_output
+    )
+
+
+_NO_CONV1D = "no (hls4ml 1.3.0 reads no 1-D Conv from ONNX)"
+_AVERAGE = "yes, as a depthwise Conv, when the window is a power of two and unpadded"
+_BATCHNORM = (
+    "BatchNormalization (4-D); Mul + Add (2-D)",
+    "yes (BatchNormOnnx; Mul + Add with constants become ApplyAlpha)",
+    "yes (streamlined into thresholds)",
+)
+
+LAYERS: dict[str, LayerSpec] = {
+    spec.name: spec
+    for spec in (
+        _mac("QConv1D", "Conv1D", True, "Conv", _NO_CONV1D),
+        _mac("QConv2D", "Conv2D", True, "Conv", "yes"),
+        _mac(
+            "QDepthwiseConv2D", "DepthwiseConv2D", True, "Conv (group)", "yes, depth_multiplier 1"
+        ),
+        _mac("QDense", "Dense", True, "MatMul + Add", "yes"),
+        _mac("Conv1D", "Conv1D", False, "Conv", _NO_CONV1D),
+        _mac("Conv2D", "Conv2D", False, "Conv", "yes"),
+        _mac(
+            "DepthwiseConv2D", "DepthwiseConv2D", False, "Conv (group)", "yes, depth_multiplier 1"
+        ),
+        _mac("Dense", "Dense", False, "MatMul + Add", "yes"),
+        *(
+            LayerSpec(
+                entry.folded,
+                "unfolded",
+                f"as {entry.plain.__name__}",
+                "exact",
+                "yes",
+                "yes",
+                mac=MacLayerType(
+                    entry.kernel,
+                    f"{entry.kernel_quantizer}_internal",
+                    entry.output_channel_axes,
+                    entry.plain.__name__.removeprefix("Q"),
+                ),
+            )
+            for entry in FOLDED_LAYER_TYPES.values()
+        ),
+        LayerSpec(
+            "QActivation",
+            "quantizer",
+            "Quant (quantized_relu: Relu + Quant)",
+            "exact",
+            "yes",
+            "yes",
+            type_rule=typerules.quantized,
+        ),
+        LayerSpec(
+            "Activation",
+            "copy",
+            "the function's ops (table below)",
+            "exact for relu and linear",
+            "see the function",
+            "see the function",
+            type_rule=typerules.activation,
+        ),
+        LayerSpec(
+            "ReLU",
+            "copy",
+            "Relu; Clip, LeakyRelu or ThresholdedRelu with options",
+            "exact without options",
+            "yes without max_value (" + _no_handler("Clip") + ")",
+            "yes without options",
+            type_rule=typerules.relu_layer,
+        ),
+        _float("Softmax", "Softmax", "yes"),
+        _float("LeakyReLU", "LeakyRelu", "yes"),
+        _float("ELU", "Elu (alpha 1); Elu, Greater, Not, Cast, Mul, Add otherwise", "alpha 1 only"),
+        _float("PReLU", "Relu, Neg, Mul, Add", _no_handler("Neg")),
+        _float("ThresholdedReLU", "ThresholdedRelu", "yes"),
+        _float("BatchNormalization", *_BATCHNORM[:2], export="batchnorm"),
+        _float("QBatchNormalization", *_BATCHNORM[:2], export="batchnorm"),
+        *(
+            _plain(name, typerules.same, onnx, hls4ml)
+            for name, onnx, hls4ml in (
+                ("MaxPooling1D", "Unsqueeze, MaxPool, Squeeze", _no_handler("Unsqueeze")),
+                ("MaxPooling2D", "MaxPool", _MOVES),
+                ("GlobalMaxPooling1D", "ReduceMax", _no_handler("ReduceMax")),
+                ("GlobalMaxPooling2D", "ReduceMax", _no_handler("ReduceMax")),
+                ("Flatten", "Reshape", _MOVES),
+                ("Reshape", "Reshape", _MOVES),
+                ("Permute", "Transpose", _MOVES),
+                ("ZeroPadding1D", "Pad", _MOVES),
+                ("ZeroPadding2D", "Pad", _MOVES),
+                ("Cropping1D", "Slice", _no_handler("Slice")),
+                ("Cropping2D", "Slice", _no_handler("Slice")),
+                ("Dropout", "(nothing)", _MOVES),
+                ("SpatialDropout1D", "(nothing)", _MOVES),
+                ("SpatialDropout2D", "(nothing)", _MOVES),
+            )
+        ),
+        *(
+            LayerSpec(
+                name,
+                "copy",
+                onnx,
+                "exact over a power-of-two window, else float",
+                hls4ml,
+                "yes",
+                type_rule=rule,
+            )
+            for name, onnx, rule, hls4ml in (
+                (
+                    "AveragePooling1D",
+                    "Unsqueeze, AveragePool, Squeeze",
+                    typerules.average_pooling,
+                    _no_handler("Unsqueeze"),
+                ),
+                ("AveragePooling2D", "AveragePool", typerules.average_pooling, _AVERAGE),
+                (
+                    "GlobalAveragePooling1D",
+                    "ReduceMean or GlobalAveragePool",
+                    typerules.global_average_pooling,
+                    _AVERAGE,
+                ),
+                (
+                    "GlobalAveragePooling2D",
+                    "ReduceMean or GlobalAveragePool",
+                    typerules.global_average_pooling,
+                    _AVERAGE,
+                ),
+            )
+        ),
+        _plain("Add", typerules.add, "Add"),
+        _plain("Concatenate", typerules.union, "Concat"),
+    )
+}
+
+ACTIVATION_FUNCTIONS: dict[str, ActivationFunction] = {
+    function.name: function
+    for function in (
+        ActivationFunction("linear", "(nothing)", "exact", "yes", "yes"),
+        ActivationFunction("relu", "Relu", "exact", "yes", "yes"),
+        ActivationFunction("softmax", "Softmax", "float", "yes", _FLOAT_OP),
+        ActivationFunction("sigmoid", "Sigmoid", "float", "yes", _FLOAT_OP),
+        ActivationFunction("tanh", "Tanh", "float", "yes", _FLOAT_OP),
+        ActivationFunction("hard_sigmoid", "Mul, Add, Min, Max", "float", _UNTESTED, _FLOAT_OP),
+        ActivationFunction("softplus", "Softplus", "float", "yes", _FLOAT_OP),
+        ActivationFunction("softsign", "Softsign", "float", "yes", _FLOAT_OP),
+        ActivationFunction("elu", "Elu", "float", "yes", _FLOAT_OP),
+        ActivationFunction("selu", "Selu", "float", "yes", _FLOAT_OP),
+        ActivationFunction("swish", "Mul, Sigmoid, Mul", "float", _UNTESTED, _FLOAT_OP),
+        ActivationFunction("silu", "Mul, Sigmoid, Mul", "float", _UNTESTED, _FLOAT_OP),
+        ActivationFunction("exponential", "Exp", "float", _no_handler("Exp"), _FLOAT_OP),
+        ActivationFunction("relu6", "Clip", "float", _no_handler("Clip"), _FLOAT_OP),
+    )
+}
+# gelu is missing on purpose: tf2onnx 1.17 cannot convert its Erfc.
+
+
+def layer_spec(layer: Any) -> LayerSpec | None:
+    """The table entry for ``layer``'s class, or None when bnfold has none."""
+    return LAYERS.get(type(layer).__name__)
+
+
+def mac_layer_type(layer: Any) -> MacLayerType | None:
+    """Where ``layer`` keeps its kernel, or None when it is not a MAC layer."""
+    spec = layer_spec(layer)
+    return spec.mac if spec is not None else None
+
+
+def _function_name(activation: Any) -> str | None:
+    """The name of a Keras activation function; None for a QKeras quantizer or none at all."""
+    if activation is None or type(activation).__module__.startswith("qkeras"):
+        return None
+    return getattr(activation, "__name__", repr(activation))
+
+
+def check_supported(model: keras.Model) -> None:
+    """Refuse, naming the first one, a layer or activation function the table lacks.
+
+    Called before any type inference, so that an unsupported layer is reported
+    as itself and not as a missing type further on.
+
+    Raises:
+        UnsupportedLayerError: naming the layer, its class and what is supported.
+    """
+    for path, layer in iter_layers(model):
+        name = type(layer).__name__
+        if isinstance(layer, keras.Model) or name == "InputLayer":
+            continue
+        if name not in LAYERS:
+            raise UnsupportedLayerError(
+                f"bnfold exports the layer classes of its table. Received: layer={path!r} of "
+                f"class {name}. Supported: {', '.join(LAYERS)}, nested models"
+            )
+        if LAYERS[name].mac is None and name != "Activation":
+            continue
+        function = _function_name(getattr(layer, "activation", None))
+        if function is not None and function not in ACTIVATION_FUNCTIONS:
+            raise UnsupportedLayerError(
+                "bnfold exports the activation functions tf2onnx converts. Received: "
+                f"layer={path!r} ({name}) with activation {function!r}. Supported: "
+                f"{', '.join(ACTIVATION_FUNCTIONS)} and QKeras quantizers"
+            )

@@ -1,0 +1,129 @@
+"""How a layer's output type follows from its input types: one rule per kind of layer.
+
+A value is either a ``FixedPoint`` or ``Untyped``, which carries the reason it
+has no fixed-point type (a float activation, a float layer, a mean over a
+window that is not a power of two, a batch normalization). The reason travels
+with the value, so a MAC layer that reads it can say why it has no accumulator
+type. The layer table (``bnfold.layer_table``) says which rule each Keras layer
+class follows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bnfold.errors import QuantizerError
+from bnfold.fixedpoint import FixedPoint
+
+
+@dataclass(frozen=True)
+class Untyped:
+    """A value without a fixed-point type, and why: reported if a MAC layer needs it."""
+
+    reason: str
+
+
+Typed = FixedPoint | Untyped
+TypeRule = Callable[[Any, list[Typed]], Typed]
+
+
+def relu_of(value: Typed) -> Typed:
+    """A ReLU keeps the non-negative part: the sign bit goes."""
+    if isinstance(value, Untyped) or not value.signed:
+        return value
+    return FixedPoint(value.bits - 1, value.integer, False)
+
+
+def quantizer_type(quantizer: Any, layer: Any) -> Typed:
+    """The type a QKeras quantizer gives its outputs; Untyped for one without a grid."""
+    try:
+        return FixedPoint.from_quantizer(quantizer, layer=layer.name)
+    except QuantizerError as error:
+        return Untyped(str(error))
+
+
+def activation_type(activation: Any, value: Typed, layer: Any) -> Typed:
+    """The type after a layer's activation function or quantizer."""
+    name = getattr(activation, "__name__", None)
+    if activation is None or name == "linear":
+        return value
+    if name == "relu":
+        return relu_of(value)
+    if type(activation).__module__.startswith("qkeras"):
+        return quantizer_type(activation, layer)
+    return Untyped(f"layer {layer.name!r} applies the float activation {name or activation!r}")
+
+
+def same(layer: Any, values: list[Typed]) -> Typed:
+    """Outputs are some of the input values, moved or selected, or zeros."""
+    return values[0]
+
+
+def quantized(layer: Any, values: list[Typed]) -> Typed:
+    """A QActivation: its quantizer's type."""
+    return quantizer_type(layer.quantizer, layer)
+
+
+def activation(layer: Any, values: list[Typed]) -> Typed:
+    """An Activation layer: linear and relu keep a type, other functions are float."""
+    return activation_type(layer.activation, values[0], layer)
+
+
+def relu_layer(layer: Any, values: list[Typed]) -> Typed:
+    """A plain ReLU keeps a type; a slope, threshold or maximum makes it float."""
+    if layer.max_value is None and float(layer.negative_slope) == 0 and float(layer.threshold) == 0:
+        return relu_of(values[0])
+    return Untyped(f"layer {layer.name!r} is a ReLU with a slope, threshold or maximum")
+
+
+def float_output(layer: Any, values: list[Typed]) -> Typed:
+    """A layer whose outputs are float whatever its inputs (softmax, batch normalization...)."""
+    return Untyped(f"layer {layer.name!r} ({type(layer).__name__}) computes in float")
+
+
+def _average(layer: Any, values: list[Typed], count: int | None) -> Typed:
+    """A mean of ``count`` values is fixed point only when ``count`` is a power of two."""
+    value = values[0]
+    if isinstance(value, Untyped):
+        return value
+    if not count or count & (count - 1):
+        return Untyped(
+            f"layer {layer.name!r} averages {count or 'an unknown number of'} values, not a "
+            "power of two, so its output is not fixed point"
+        )
+    shift = count.bit_length() - 1
+    return FixedPoint(value.bits + shift, value.integer, value.signed, value.narrow)
+
+
+def average_pooling(layer: Any, values: list[Typed]) -> Typed:
+    """A mean over each pooling window."""
+    if layer.padding != "valid":
+        return Untyped(f"layer {layer.name!r} averages partial windows (padding='same')")
+    return _average(layer, values, math.prod(layer.pool_size))
+
+
+def global_average_pooling(layer: Any, values: list[Typed]) -> Typed:
+    """A mean over all positions."""
+    shape = layer.input_shape
+    spatial = shape[1:-1] if layer.data_format == "channels_last" else shape[2:]
+    return _average(layer, values, math.prod(spatial) if None not in spatial else None)
+
+
+def union(layer: Any, values: list[Typed]) -> Typed:
+    """A type holding every input's values (concatenation)."""
+    untyped = [value for value in values if isinstance(value, Untyped)]
+    if untyped:
+        return untyped[0]
+    result = values[0]
+    for value in values[1:]:
+        result = result.union(value)
+    return result
+
+
+def add(layer: Any, values: list[Typed]) -> Typed:
+    """A sum of the inputs: their union, grown by the number summed."""
+    total = union(layer, values)
+    return total if isinstance(total, Untyped) else total.sum_of(len(values))
