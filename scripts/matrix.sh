@@ -5,7 +5,8 @@
 #
 # Each row makes a fresh venv (under $MATRIX_VENVS, default .matrix/ in the checkout), installs
 # bnfold from this checkout with the README's commands and runs the tests: the whole suite on the
-# reference row, the suite without the hls4ml C++ compilations (-m "not slow") on the others.
+# reference row, the golden, export, unfold, populate, load and CLI tests (ROW_TESTS) on the
+# others. The next row installs while the current one tests, its output shown when it is done.
 #
 # py3.10-tf2.15 is a QKeras user's existing environment: it first installs TensorFlow 2.15 and
 # QKeras 0.9.0 on their own (pinned by constraints/tf2.15.txt), then bnfold and its test tools
@@ -22,6 +23,8 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENVS="${MATRIX_VENVS:-$ROOT/.matrix}"
 ALL_ROWS=(py3.10-tf2.15 py3.11-reference py3.12-tf2.21 py3.13-tf2.21)
 EXISTING_STACK=("tensorflow==2.15.1" "qkeras==0.9.0")
+ROW_TESTS=(tests/test_golden.py tests/test_export.py tests/test_unfold.py tests/test_accumulator.py
+    tests/test_loading.py tests/test_cli.py tests/test_export_cli.py tests/test_repository.py)
 
 log() { printf '[matrix %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
@@ -56,13 +59,13 @@ unchanged_since() {
     log "pip left all $(wc -l <"$before") packages installed before bnfold as they were"
 }
 
-run_row() {
-    local row="$1" version venv python
+# Makes the row's venv and installs into it; its last check is the README table's versions.
+install_row() {
+    local row="$1" version venv python interpreter
     version="${row#py}"
     version="${version%%-*}"
     venv="$VENVS/$row"
     python="$venv/bin/python"
-    local interpreter
     interpreter="$(find_python "$version")" || {
         log "$row: no Python $version found (set PYTHON_${version//./_})"
         return 1
@@ -89,36 +92,54 @@ run_row() {
             "$python" -m pip install -q -c constraints/reference.txt -e ".[test]" || return 1
             ;;
     esac
+    "$python" scripts/supported_versions.py "$row"
+}
 
-    "$python" scripts/supported_versions.py "$row" || return 1
-    local marker=()
-    [[ "$row" == *-reference ]] || marker=(-m "not slow")
-    log "$row: python -m pytest ${marker[*]}"
-    "$python" -m pytest -q -p no:cacheprovider "${marker[@]}"
+test_row() {
+    local row="$1" tests=()
+    [[ "$row" == *-reference ]] || tests=("${ROW_TESTS[@]}")
+    cd "$ROOT" || return 1
+    log "$row: python -m pytest ${tests[*]}"
+    "$VENVS/$row/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
 }
 
 main() {
-    local rows=("$@") row status=0 started
+    local rows=("$@") row next status=0 started installed_ok summary=()
     [[ ${#rows[@]} -gt 0 ]] || rows=("${ALL_ROWS[@]}")
-    unset PYTHONPATH PIP_CONSTRAINT
-    export LC_ALL=C
-    export PIP_DISABLE_PIP_VERSION_CHECK=1
-    mkdir -p "$VENVS"
-    local summary=()
     for row in "${rows[@]}"; do
         if [[ ! " ${ALL_ROWS[*]} " == *" $row "* ]]; then
             log "unknown row '$row'; rows: ${ALL_ROWS[*]}"
             return 2
         fi
+    done
+    unset PYTHONPATH PIP_CONSTRAINT
+    export LC_ALL=C PIP_DISABLE_PIP_VERSION_CHECK=1
+    # pip byte-compiles every module of TensorFlow at install; Python compiles what tests import.
+    export PIP_NO_COMPILE=1
+    mkdir -p "$VENVS"
+
+    # Installs of row i+1 run in the background while row i tests; each writes its own log.
+    (install_row "${rows[0]}") >"$VENVS/${rows[0]}.install.log" 2>&1 &
+    local install_job=$!
+    for ((i = 0; i < ${#rows[@]}; i++)); do
+        row="${rows[$i]}"
+        installed_ok=0
+        wait "$install_job" || installed_ok=$?
+        grep -v "is ignored: it is neither" "$VENVS/$row.install.log"
         started=$SECONDS
-        if (run_row "$row"); then
-            summary+=("passed  $row ($((SECONDS - started)) s)")
+        next="${rows[$((i + 1))]:-}"
+        if [[ -n "$next" ]]; then
+            (install_row "$next") >"$VENVS/$next.install.log" 2>&1 &
+            install_job=$!
+        fi
+        if [[ $installed_ok -eq 0 ]] && (test_row "$row"); then
+            summary+=("passed  $row (tests $((SECONDS - started)) s)")
         else
-            summary+=("FAILED  $row ($((SECONDS - started)) s)")
+            summary+=("FAILED  $row ($([[ $installed_ok -eq 0 ]] && echo tests || echo install))")
             status=1
         fi
     done
-    log "summary:"
+    log "summary after $SECONDS s:"
     printf '  %s\n' "${summary[@]}"
     return $status
 }
