@@ -24,7 +24,8 @@ VENVS="${MATRIX_VENVS:-$ROOT/.matrix}"
 ALL_ROWS=(py3.10-tf2.15 py3.11-reference py3.12-tf2.21 py3.13-tf2.21)
 EXISTING_STACK=("tensorflow==2.15.1" "qkeras==0.9.0")
 ROW_TESTS=(tests/test_golden.py tests/test_export.py tests/test_unfold.py tests/test_accumulator.py
-    tests/test_loading.py tests/test_cli.py tests/test_export_cli.py tests/test_repository.py)
+    tests/test_loading.py tests/test_cli.py tests/test_export_cli.py tests/test_keras.py
+    tests/test_repository.py)
 
 log() { printf '[matrix %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
