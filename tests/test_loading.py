@@ -9,7 +9,15 @@ import pytest
 import bnfold
 import bnfold.loading
 from bnfold.errors import ModelFileError, UnsafeModelError
-from bnfold.keras import keras, qkeras
+from bnfold.keras import keras, qkeras, tf
+
+# The one test that fails on the py3.10-tf2.15 row (README, "Supported versions"). There
+# QKeras's tensorflow-model-optimization 0.8 installs tf_keras 2.15 and sets
+# TF_USE_LEGACY_KERAS, so tf.keras is tf_keras; tf_keras 2.15's .keras loader then rebuilds
+# the Sequential from the built-in keras 2.15 package, which refuses the tf_keras layers
+# ("The added layer must be an instance of class Layer"). With the variable unset, the
+# mix is the other way round. .h5 files, what QKeras and hls4ml use, load on both stacks.
+KERAS_ARCHIVES_LOAD = not tf.__version__.startswith("2.15.")
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +77,9 @@ def test_truncated_h5_says_how_much_is_there(model_bytes, tmp_path, keep):
         bnfold.load_model(path)
 
 
+@pytest.mark.xfail(
+    not KERAS_ARCHIVES_LOAD, reason="TensorFlow 2.15 with tf_keras mixes two Keras", strict=True
+)
 def test_keras_archive_with_truncated_weights(folded_models, tmp_path):
     saved = tmp_path / "whole.keras"
     folded_models["sequential_conv"].save(saved)

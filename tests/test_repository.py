@@ -9,10 +9,19 @@ from pathlib import Path
 
 import pytest
 
+import supported_versions
 from bnfold.folding import FOLDED_LAYER_TYPES
 from bnfold.layer_table import ACTIVATION_FUNCTIONS, LAYERS
 
 ROOT = Path(__file__).resolve().parent.parent
+# The rows the README's table lists with their constraints file: the table's version of each
+# package that file pins must be the pinned one.
+PINNED_ROWS = {
+    "py3.10-tf2.15": "tf2.15.txt",
+    "py3.11-reference": "reference.txt",
+    "py3.12-tf2.21": "reference.txt",
+    "py3.13-tf2.21": "reference.txt",
+}
 
 
 def test_readme_layer_table_matches_folded_layer_types():
@@ -46,11 +55,30 @@ def test_readme_supported_layers_tables_match_the_layer_table():
     assert expected in (ROOT / "README.md").read_text(), "README tables should read:\n" + expected
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_matrix_then_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```sh\n(.+?)\n```", readme, re.DOTALL)
     assert len(commands) >= 2
-    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/matrix.sh" in ci
+    assert ci.index("scripts/matrix.sh") < ci.index(commands[1])
+
+
+def _pins(constraints: str) -> dict[str, str]:
+    lines = (ROOT / "constraints" / constraints).read_text().splitlines()
+    return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+
+def test_readme_table_of_supported_versions_lists_the_matrix_rows_and_their_pins():
+    rows = supported_versions.table()
+    matrix = (ROOT / "scripts" / "matrix.sh").read_text()
+    listed = re.search(r"^ALL_ROWS=\((.*)\)$", matrix, re.MULTILINE).group(1).split()
+    assert list(rows) == listed == list(PINNED_ROWS)
+    for row, constraints in PINNED_ROWS.items():
+        pins = _pins(constraints)
+        table = {package: version for package, version in rows[row].items() if package in pins}
+        assert table == {package: pins[package] for package in table}, row
+        assert "tensorflow" in table, row
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])

@@ -17,6 +17,7 @@ a time limit. What the child survives, Keras survives: the reads are the same.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -34,6 +35,8 @@ from bnfold.keras import SafeModeScope, keras, qkeras, saved_metadata_pb2
 from bnfold.layers import QDenseBatchnorm
 
 _SUFFIXES = (".h5", ".hdf5", ".keras")
+# tf_keras 2.21 has InputLayer(optional=...) and saves it; 2.16 and TensorFlow 2.15's Keras do not.
+INPUT_LAYER_HAS_OPTIONAL = "optional" in inspect.signature(keras.layers.InputLayer).parameters
 # Keras quotes whole layer configs in its errors; an error line stays readable.
 _MAX_REASON = 300
 # The time the probe may take on a sound file: interpreter start, then reading at
@@ -85,11 +88,29 @@ print(json.dumps(result))
 """
 
 
+class InputLayer(keras.layers.InputLayer):
+    """An InputLayer that reads the ``optional=False`` newer tf_keras writes into every file.
+
+    Newer tf_keras releases save ``optional`` in each InputLayer's config; older
+    ones (TensorFlow 2.15's Keras among them) have no such argument and refuse
+    such a file.
+    False is what every Keras 2 input is; True is left for Keras to refuse. The
+    class keeps Keras's name, so a model saved again names ``InputLayer``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("optional", None) is False:
+            del kwargs["optional"]
+        super().__init__(*args, **kwargs)
+
+
 def custom_objects() -> dict[str, Any]:
     """Every class a QKeras or bnfold model file may name."""
     objects: dict[str, Any] = {}
     qkeras.utils._add_supported_quantized_objects(objects)
     objects["QDenseBatchnorm"] = QDenseBatchnorm
+    if not INPUT_LAYER_HAS_OPTIONAL:
+        objects["InputLayer"] = InputLayer
     return objects
 
 
