@@ -235,3 +235,32 @@ def test_without_per_channel_scales_each_kernel_has_one_scale(exported):
         n for n in quants if _metadata(n)["layer"] == "dw" and _metadata(n)["role"] == "kernel"
     )
     assert initializers[dw.input[3]] > 4  # the 4-bit grid widened by the spread of the scales
+
+
+# ------------------------------------------ input Quant nodes against the source quantizers
+
+
+@pytest.fixture(scope="module")
+def feature_map_export():
+    """``builders.feature_map`` and its export: the model of the reported 1/32 difference."""
+    model = builders.feature_map()
+    return model, bnfold.export_onnx(model, source_quantizers=builders.INPUT_QUANTIZER)
+
+
+def test_qonnx_equals_qkeras_on_inputs_after_the_source_quantizer(feature_map_export):
+    """The reported difference: -8 is outside the symmetric quantized_bits(8,3,1) (min -127/16).
+
+    The QKeras model has no input quantizer and computes with -8; the exported
+    graph's input Quant clips it to -7.9375, as QKeras's own quantizer does.
+    """
+    model, onnx_model = feature_map_export
+    inputs = builders.grid_inputs(model, batch=4)
+    assert np.count_nonzero(inputs[0] == -8) > 0
+    quantizer = quantizers.get_quantizer(builders.INPUT_QUANTIZER)
+    quantized = np.asarray(quantizer(inputs[0]))
+    assert quantized.min() == -127 / 16
+
+    result = qonnx_outputs(onnx_model, inputs)[0]
+    np.testing.assert_array_equal(result, np.asarray(model(quantized, training=False)))
+    raw = np.asarray(model(inputs[0], training=False))
+    assert result[2, 2, 5, 4] == 0.625 and raw[2, 2, 5, 4] == 0.5
