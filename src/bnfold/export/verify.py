@@ -5,6 +5,13 @@ both ends of each range, and run through QKeras inference and through qonnx's
 executor (which runs the Quant nodes). The largest absolute difference over
 all outputs must be 0 (a model without quantizers computes in float, where the
 order of additions matters: it gets a small tolerance).
+
+The exported graph quantizes its inputs with Quant nodes; the QKeras model has
+no input quantizer (source quantizers only describe its inputs). So QKeras is
+given each input after its source quantizer, and some samples lie off the
+grid: halfway between grid points and beyond both ends (``-2**integer`` of a
+symmetric quantizer is one). Samples on the grid alone cannot tell an input
+Quant that rounds or clips differently from the source quantizer.
 """
 
 from __future__ import annotations
@@ -36,22 +43,53 @@ class Verification:
 
 
 def sample_inputs(
-    model: keras.Model, source_types: list[FixedPoint | None], count: int, seed: int = 0
+    model: keras.Model,
+    source_types: list[FixedPoint | None],
+    count: int,
+    seed: int = 0,
+    *,
+    off_grid: int = 0,
 ) -> list[np.ndarray]:
     """``count`` inputs per model input on its source grid; the first two are its min and max.
 
     A float input (no source quantizer) gets values on a grid of step 1/256 in [-4, 4).
+    ``off_grid`` more samples follow, in which half the values of a quantized input
+    leave its grid: a quarter lie halfway between grid points (rounding ties), an
+    eighth one to three steps below its min, an eighth as far above its max.
     """
     rng = np.random.default_rng(seed)
     samples = []
     for tensor, fixed in zip(model.inputs, source_types, strict=True):
-        fixed = fixed or FixedPoint(11, 2, True)
+        step = (fixed or FixedPoint(11, 2, True)).step
         shape = (count, *tensor.shape[1:])
-        low, high = round(fixed.min / fixed.step), round(fixed.max / fixed.step)
+        low, high = _code_range(fixed)
         codes = rng.integers(low, high + 1, size=shape)
         codes[0], codes[-1] = low, high
-        samples.append((codes * fixed.step).astype(np.float32))
+        if off_grid:
+            codes = np.concatenate([codes, _off_grid_codes(fixed, (off_grid, *shape[1:]), rng)])
+        samples.append((codes * step).astype(np.float32))
     return samples
+
+
+def _code_range(fixed: FixedPoint | None) -> tuple[int, int]:
+    """The smallest and largest code of ``fixed`` (of the float sample grid when None)."""
+    fixed = fixed or FixedPoint(11, 2, True)
+    return round(fixed.min / fixed.step), round(fixed.max / fixed.step)
+
+
+def _off_grid_codes(
+    fixed: FixedPoint | None, shape: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
+    """Codes of ``fixed`` with half of them moved off its grid (unchanged for a float input)."""
+    low, high = _code_range(fixed)
+    codes = rng.integers(low, high + 1, size=shape).astype(np.float64)
+    if fixed is None:
+        return codes
+    kind = rng.integers(0, 8, size=shape)
+    beyond = rng.integers(1, 4, size=shape)
+    codes = np.where(kind < 2, codes + 0.5, codes)
+    codes = np.where(kind == 2, low - beyond, codes)
+    return np.where(kind == 3, high + beyond, codes)
 
 
 class _IndexedModel(ModelWrapper):
@@ -175,12 +213,32 @@ def qonnx_outputs(model: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     return outputs
 
 
+def _quantized_inputs(
+    inputs: Sequence[np.ndarray], source_quantizers: Sequence[Any] | None
+) -> list[np.ndarray]:
+    """Each input after its source quantizer, as the exported graph's input Quant gives it."""
+    quantizers = source_quantizers or [None] * len(inputs)
+    return [
+        values if quantizer is None else np.asarray(quantizer(values), dtype=np.float32)
+        for values, quantizer in zip(inputs, quantizers, strict=True)
+    ]
+
+
+def _off_grid_samples(inputs: Sequence[np.ndarray], quantized: Sequence[np.ndarray]) -> np.ndarray:
+    """Which samples hold a value their source quantizer changes."""
+    changed = np.zeros(len(inputs[0]), dtype=bool)
+    for values, after in zip(inputs, quantized, strict=True):
+        changed |= (values != after).reshape(len(values), -1).any(axis=1)
+    return changed
+
+
 def verify(
     model: keras.Model,
     onnx_model: onnx.ModelProto,
     inputs: list[np.ndarray],
     *,
     tolerance: float = 0.0,
+    source_quantizers: Sequence[Any] | None = None,
 ) -> Verification:
     """Run QKeras and QONNX on ``inputs`` and compare every output.
 
@@ -190,6 +248,9 @@ def verify(
         inputs: one array per model input, samples along the first axis.
         tolerance: the largest difference allowed, relative to the largest output
             magnitude (at least 1); 0 for quantized models.
+        source_quantizers: the QKeras quantizer of each input (None: a float input,
+            or all of them when not given), applied to the inputs QKeras receives,
+            as the exported graph's input Quant nodes apply them.
 
     Returns:
         The largest difference found (0.0 when the export is exact).
@@ -201,12 +262,13 @@ def verify(
     """
     # A direct call, not predict: predict first traces the whole model into a graph,
     # which costs more than the comparison itself on large models.
-    expected = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+    quantized = _quantized_inputs(inputs, source_quantizers)
+    expected = model(quantized if len(quantized) > 1 else quantized[0], training=False)
     expected = [np.asarray(values) for values in tf.nest.flatten(expected)]
     limit = tolerance * max([1.0, *(float(np.max(np.abs(values))) for values in expected)])
     actual = qonnx_outputs(onnx_model, inputs)
     output_names = [tensor.name for tensor in onnx_model.graph.output]
-    worst, worst_output = 0.0, output_names[0]
+    worst, worst_output, worst_samples = 0.0, output_names[0], np.zeros(0, dtype=bool)
     samples = len(inputs[0])
     for name, result, reference in zip(output_names, actual, expected, strict=True):
         if result.shape != reference.shape:
@@ -214,14 +276,24 @@ def verify(
                 f"The exported ONNX must give QKeras's output shapes. Received: {result.shape} "
                 f"on output {name!r} where QKeras gives {reference.shape}"
             )
-        difference = float(np.max(np.abs(result - reference)))
+        per_sample = np.abs(result - reference).reshape(samples, -1).max(axis=1, initial=0.0)
+        difference = float(np.max(per_sample))
         if difference > worst or np.isnan(difference):
             worst, worst_output = difference, name
+            worst_samples = ~(per_sample <= limit)
     if worst > limit or np.isnan(worst):
         within = f"within {limit:g}" if limit else "exactly"
+        off_grid = _off_grid_samples(inputs, quantized)
+        where = (
+            " only on inputs off the source quantizers' grids: the input Quant nodes do not "
+            "quantize as the source quantizers"
+            if off_grid[worst_samples].all()
+            else ""
+        )
         raise VerificationError(
             f"The exported ONNX must compute the QKeras model's outputs {within}. Received: "
             f"a difference of up to {worst} on output {worst_output!r} over {samples} samples"
+            f"{where}"
         )
     entry = onnx_model.metadata_props.add()
     entry.key = "bnfold.verification"
