@@ -60,7 +60,11 @@ def _all_layers(model):
 
 
 def grid_inputs(model: keras.Model, batch: int = 16, seed: int = 1) -> list[np.ndarray]:
-    """Inputs on the grid of ``INPUT_QUANTIZER`` (step 1/16, range [-8, 8))."""
+    """Inputs on the grid of ``INPUT_QUANTIZER`` (step 1/16) over [-8, 8).
+
+    -8 is one step below that symmetric quantizer's range: an exported graph's input
+    Quant clips it to -127/16, while the QKeras model (no input quantizer) takes it as is.
+    """
     rng = np.random.default_rng(seed)
     return [
         (rng.integers(-128, 128, (batch, *shape[1:])) / 16).astype(np.float32)

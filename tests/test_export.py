@@ -12,8 +12,14 @@ from qonnx.core.onnx_exec import execute_onnx
 
 import bnfold
 import builders
-from bnfold.errors import InputQuantizerWarning, QuantizerError, UnsupportedLayerError
-from bnfold.export.verify import qonnx_outputs, sample_inputs
+from bnfold.errors import (
+    InputQuantizerWarning,
+    QuantizerError,
+    UnsupportedLayerError,
+    VerificationError,
+)
+from bnfold.export import pipeline
+from bnfold.export.verify import qonnx_outputs, sample_inputs, verify
 from bnfold.fixedpoint import FixedPoint
 from bnfold.keras import keras, qkeras, quantizers
 
@@ -275,3 +281,70 @@ def test_the_input_warning_on_the_command_line(tmp_path, capsys):
     assert main([str(path), "-o", str(tmp_path / "m.onnx")]) == 0
     err = capsys.readouterr().err
     assert "warning: A model input needs a quantizer" in err and "'features'" in err
+
+
+# ------------------------------------------ input Quant nodes against the source quantizers
+
+
+@pytest.fixture(scope="module")
+def feature_map_export():
+    """``builders.feature_map`` and its export: the model of the reported 1/32 difference."""
+    model = builders.feature_map()
+    return model, bnfold.export_onnx(model, source_quantizers=builders.INPUT_QUANTIZER)
+
+
+def test_qonnx_equals_qkeras_on_inputs_after_the_source_quantizer(feature_map_export):
+    """The reported difference: -8 is outside the symmetric quantized_bits(8,3,1) (min -127/16).
+
+    The QKeras model has no input quantizer and computes with -8; the exported
+    graph's input Quant clips it to -7.9375, as QKeras's own quantizer does.
+    """
+    model, onnx_model = feature_map_export
+    inputs = builders.grid_inputs(model, batch=4)
+    assert np.count_nonzero(inputs[0] == -8) > 0
+    quantizer = quantizers.get_quantizer(builders.INPUT_QUANTIZER)
+    quantized = np.asarray(quantizer(inputs[0]))
+    assert quantized.min() == -127 / 16
+
+    result = qonnx_outputs(onnx_model, inputs)[0]
+    np.testing.assert_array_equal(result, np.asarray(model(quantized, training=False)))
+    raw = np.asarray(model(inputs[0], training=False))
+    assert result[2, 2, 5, 4] == 0.625 and raw[2, 2, 5, 4] == 0.5
+
+
+def _with_input_quant(onnx_model, attribute, value):
+    changed = onnx.ModelProto()
+    changed.CopyFrom(onnx_model)
+    graph_input = changed.graph.input[0].name
+    node = next(n for n in changed.graph.node if n.op_type == "Quant" and n.input[0] == graph_input)
+    next(a for a in node.attribute if a.name == attribute).CopyFrom(
+        onnx.helper.make_attribute(attribute, value)
+    )
+    return changed
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [("narrow", 0), ("rounding_mode", "FLOOR")],
+    ids=["keeps_the_most_negative_code", "rounds_down"],
+)
+def test_verification_catches_an_input_quant_unlike_the_source_quantizer(
+    feature_map_export, attribute, value
+):
+    """Grid samples cannot: an input Quant that clips or rounds otherwise passes them unchanged."""
+    model, onnx_model = feature_map_export
+    wrong = _with_input_quant(onnx_model, attribute, value)
+    types = [FixedPoint.from_quantizer(builders.INPUT_QUANTIZER)]
+    source = [quantizers.get_quantizer(builders.INPUT_QUANTIZER)]
+    on_grid = sample_inputs(model, types, 8)
+    assert verify(model, wrong, on_grid, source_quantizers=source).max_difference == 0.0
+
+    samples = sample_inputs(
+        model,
+        types,
+        pipeline.VERIFY_SAMPLES - pipeline.VERIFY_OFF_GRID,
+        off_grid=pipeline.VERIFY_OFF_GRID,
+    )
+    with pytest.raises(VerificationError, match="off the source quantizers' grids"):
+        verify(model, wrong, samples, source_quantizers=source)
+    assert verify(model, onnx_model, samples, source_quantizers=source).max_difference == 0.0

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("load", "populate", "unfold", "strip", "convert", "annotate", "verify", "write")
 VERIFY_SAMPLES = 8
+# Of those, the samples with values off the source grids (checking the input Quant nodes).
+VERIFY_OFF_GRID = 2
 # tf2onnx converts up to opset 18; below 9 the exported graph fails verification.
 OPSETS = range(9, 19)
 
@@ -252,8 +254,14 @@ def export_onnx(
         verify_outputs(
             model,
             exported,
-            sample_inputs(model, source_types, VERIFY_SAMPLES),
+            sample_inputs(
+                model,
+                source_types,
+                VERIFY_SAMPLES - VERIFY_OFF_GRID,
+                off_grid=VERIFY_OFF_GRID,
+            ),
             float_outputs=None if quantized else stripped.output_names,
+            source_quantizers=sources,
         )
     if output_path is not None:
         notify("write")

@@ -7,6 +7,13 @@ must be equal, difference 0. Outputs computed after a float op (softmax, a
 float layer, a batch normalization: the model's ``bnfold.float_tail``) are
 compared within ``FLOAT_TOLERANCE``; the fixed-point tensors those float ops
 read are compared exactly, so the tolerance never covers the fixed-point part.
+
+The exported graph quantizes its inputs with Quant nodes; the QKeras model has
+no input quantizer (source quantizers only describe its inputs). So QKeras is
+given each input after its source quantizer, and some samples lie off the
+grid: halfway between grid points and beyond both ends (``-2**integer`` of a
+symmetric quantizer is one). Samples on the grid alone cannot tell an input
+Quant that rounds or clips differently from the source quantizer.
 """
 
 from __future__ import annotations
@@ -55,22 +62,53 @@ class Verification:
 
 
 def sample_inputs(
-    model: keras.Model, source_types: list[FixedPoint | None], count: int, seed: int = 0
+    model: keras.Model,
+    source_types: list[FixedPoint | None],
+    count: int,
+    seed: int = 0,
+    *,
+    off_grid: int = 0,
 ) -> list[np.ndarray]:
     """``count`` inputs per model input on its source grid; the first two are its min and max.
 
     A float input (no source quantizer) gets values on a grid of step 1/256 in [-4, 4).
+    ``off_grid`` more samples follow, in which half the values of a quantized input
+    leave its grid: a quarter lie halfway between grid points (rounding ties), an
+    eighth one to three steps below its min, an eighth as far above its max.
     """
     rng = np.random.default_rng(seed)
     samples = []
     for tensor, fixed in zip(model.inputs, source_types, strict=True):
-        fixed = fixed or FixedPoint(11, 2, True)
+        step = (fixed or FixedPoint(11, 2, True)).step
         shape = (count, *tensor.shape[1:])
-        low, high = round(fixed.min / fixed.step), round(fixed.max / fixed.step)
+        low, high = _code_range(fixed)
         codes = rng.integers(low, high + 1, size=shape)
         codes[0], codes[-1] = low, high
-        samples.append((codes * fixed.step).astype(np.float32))
+        if off_grid:
+            codes = np.concatenate([codes, _off_grid_codes(fixed, (off_grid, *shape[1:]), rng)])
+        samples.append((codes * step).astype(np.float32))
     return samples
+
+
+def _code_range(fixed: FixedPoint | None) -> tuple[int, int]:
+    """The smallest and largest code of ``fixed`` (of the float sample grid when None)."""
+    fixed = fixed or FixedPoint(11, 2, True)
+    return round(fixed.min / fixed.step), round(fixed.max / fixed.step)
+
+
+def _off_grid_codes(
+    fixed: FixedPoint | None, shape: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
+    """Codes of ``fixed`` with half of them moved off its grid (unchanged for a float input)."""
+    low, high = _code_range(fixed)
+    codes = rng.integers(low, high + 1, size=shape).astype(np.float64)
+    if fixed is None:
+        return codes
+    kind = rng.integers(0, 8, size=shape)
+    beyond = rng.integers(1, 4, size=shape)
+    codes = np.where(kind < 2, codes + 0.5, codes)
+    codes = np.where(kind == 2, low - beyond, codes)
+    return np.where(kind == 3, high + beyond, codes)
 
 
 class _IndexedModel(ModelWrapper):
@@ -248,6 +286,40 @@ def _difference(name: str, result: np.ndarray, reference: np.ndarray) -> float:
     return float("inf") if np.isnan(difference) else difference
 
 
+def _quantized_inputs(
+    inputs: Sequence[np.ndarray], source_quantizers: Sequence[Any] | None
+) -> list[np.ndarray]:
+    """Each input after its source quantizer, as the exported graph's input Quant gives it."""
+    quantizers = source_quantizers or [None] * len(inputs)
+    return [
+        values if quantizer is None else np.asarray(quantizer(values), dtype=np.float32)
+        for values, quantizer in zip(inputs, quantizers, strict=True)
+    ]
+
+
+def _off_grid_samples(inputs: Sequence[np.ndarray], quantized: Sequence[np.ndarray]) -> np.ndarray:
+    """Which samples hold a value their source quantizer changes."""
+    changed = np.zeros(len(inputs[0]), dtype=bool)
+    for values, after in zip(inputs, quantized, strict=True):
+        changed |= (values != after).reshape(len(values), -1).any(axis=1)
+    return changed
+
+
+def _only_off_grid(
+    result: np.ndarray, reference: np.ndarray, allowed: float, off_grid: np.ndarray
+) -> str:
+    """What an error adds when every sample that differs has inputs off the source grids."""
+    samples = len(off_grid)
+    per_sample = np.abs(result - reference).reshape(samples, -1).max(axis=1, initial=0.0)
+    differing = ~(per_sample <= allowed)
+    if differing.any() and off_grid[differing].all():
+        return (
+            " only on inputs off the source quantizers' grids: the input Quant nodes do not "
+            "quantize as the source quantizers"
+        )
+    return ""
+
+
 def verify(
     model: keras.Model,
     onnx_model: onnx.ModelProto,
@@ -255,6 +327,7 @@ def verify(
     *,
     tolerance: float = FLOAT_TOLERANCE,
     float_outputs: Sequence[str] | None = None,
+    source_quantizers: Sequence[Any] | None = None,
 ) -> Verification:
     """Run QKeras and QONNX on ``inputs`` and compare every output.
 
@@ -266,6 +339,9 @@ def verify(
             relative to its largest magnitude (at least 1).
         float_outputs: the outputs computed in float; None for those the
             model's ``bnfold.float_tail`` names. All others must be exact.
+        source_quantizers: the QKeras quantizer of each input (None: a float input,
+            or all of them when not given), applied to the inputs QKeras receives,
+            as the exported graph's input Quant nodes apply them.
 
     Returns:
         The largest differences found.
@@ -281,15 +357,17 @@ def verify(
     boundaries = tail["boundaries"]
     # A direct call, not predict: predict first traces the whole model into a graph,
     # which costs more than the comparison itself on large models.
-    expected = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+    quantized = _quantized_inputs(inputs, source_quantizers)
+    expected = model(quantized if len(quantized) > 1 else quantized[0], training=False)
     expected = [np.asarray(values) for values in tf.nest.flatten(expected)]
     if boundaries:
-        expected += _keras_boundaries(model, inputs, boundaries)
+        expected += _keras_boundaries(model, quantized, boundaries)
     actual = qonnx_outputs(onnx_model, inputs, [b["tensor"] for b in boundaries])
     names = [tensor.name for tensor in onnx_model.graph.output]
     names += [f"{b['tensor']} (read by float layer {b['layer']!r})" for b in boundaries]
     samples = len(inputs[0])
-    exact, worst_output, floats, limit = 0.0, names[0], None, 0.0
+    off_grid = _off_grid_samples(inputs, quantized)
+    exact, worst_output, floats, limit, where = 0.0, names[0], None, 0.0, ""
     for index, (name, result, reference) in enumerate(zip(names, actual, expected, strict=True)):
         result = _as_keras_layout(result, reference.shape)
         difference = _difference(name, result, reference)
@@ -301,14 +379,16 @@ def verify(
                     "The exported ONNX must compute the QKeras model's float outputs within "
                     f"{allowed:g}. Received: a difference of up to {difference} on output "
                     f"{name!r} over {samples} samples"
+                    f"{_only_off_grid(result, reference, allowed, off_grid)}"
                 )
         elif difference > exact or index == 0:
             exact, worst_output = max(exact, difference), name
+            where = _only_off_grid(result, reference, 0.0, off_grid)
     if exact:
         raise VerificationError(
             "The exported ONNX must compute what the QKeras model computes in fixed point "
             f"exactly. Received: a difference of up to {exact} on {worst_output!r} over "
-            f"{samples} samples"
+            f"{samples} samples{where}"
         )
     entry = onnx_model.metadata_props.add()
     entry.key = "bnfold.verification"
