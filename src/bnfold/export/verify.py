@@ -306,9 +306,14 @@ def _off_grid_samples(inputs: Sequence[np.ndarray], quantized: Sequence[np.ndarr
 
 
 def _only_off_grid(
-    result: np.ndarray, reference: np.ndarray, allowed: float, off_grid: np.ndarray
+    inputs: Sequence[np.ndarray],
+    quantized: Sequence[np.ndarray],
+    result: np.ndarray,
+    reference: np.ndarray,
+    allowed: float,
 ) -> str:
     """What an error adds when every sample that differs has inputs off the source grids."""
+    off_grid = _off_grid_samples(inputs, quantized)
     samples = len(off_grid)
     per_sample = np.abs(result - reference).reshape(samples, -1).max(axis=1, initial=0.0)
     differing = ~(per_sample <= allowed)
@@ -366,8 +371,7 @@ def verify(
     names = [tensor.name for tensor in onnx_model.graph.output]
     names += [f"{b['tensor']} (read by float layer {b['layer']!r})" for b in boundaries]
     samples = len(inputs[0])
-    off_grid = _off_grid_samples(inputs, quantized)
-    exact, worst_output, floats, limit, where = 0.0, names[0], None, 0.0, ""
+    exact, worst_output, worst_pair, floats, limit = 0.0, names[0], None, None, 0.0
     for index, (name, result, reference) in enumerate(zip(names, actual, expected, strict=True)):
         result = _as_keras_layout(result, reference.shape)
         difference = _difference(name, result, reference)
@@ -379,16 +383,15 @@ def verify(
                     "The exported ONNX must compute the QKeras model's float outputs within "
                     f"{allowed:g}. Received: a difference of up to {difference} on output "
                     f"{name!r} over {samples} samples"
-                    f"{_only_off_grid(result, reference, allowed, off_grid)}"
+                    f"{_only_off_grid(inputs, quantized, result, reference, allowed)}"
                 )
         elif difference > exact or index == 0:
-            exact, worst_output = max(exact, difference), name
-            where = _only_off_grid(result, reference, 0.0, off_grid)
+            exact, worst_output, worst_pair = max(exact, difference), name, (result, reference)
     if exact:
         raise VerificationError(
             "The exported ONNX must compute what the QKeras model computes in fixed point "
             f"exactly. Received: a difference of up to {exact} on {worst_output!r} over "
-            f"{samples} samples{where}"
+            f"{samples} samples{_only_off_grid(inputs, quantized, *worst_pair, 0.0)}"
         )
     entry = onnx_model.metadata_props.add()
     entry.key = "bnfold.verification"
