@@ -511,7 +511,8 @@ def sequence_decoder() -> keras.Model:
 
 def merge_block() -> keras.Model:
     """A residual block with Subtract, an attention-like Multiply gate, Maximum and Minimum
-    of two branches, an Add of three and a Concatenate: every merge hls4ml reads."""
+    of two branches, an Add of three and a Concatenate (every merge hls4ml reads), then a
+    Permute."""
     features = keras.Input((8,), name="features")
     context = keras.Input((8,), name="context")
     x = _qdense(6, "x", "quantized_bits(6,2,1)")(features)
@@ -523,7 +524,9 @@ def merge_block() -> keras.Model:
     lower = keras.layers.Minimum(name="lower")([x, gated])
     total = keras.layers.Add(name="total")([upper, lower, gate])
     merged = keras.layers.Concatenate(name="merged")([total, gated])
-    outputs = _qdense(4, "head")(merged)
+    grid = keras.layers.Reshape((3, 4), name="grid")(merged)
+    transposed = keras.layers.Permute((2, 1), name="transposed")(grid)
+    outputs = _qdense(4, "head")(keras.layers.Flatten(name="flat")(transposed))
     return _spread_weights(keras.Model([features, context], outputs, name="merge_block"))
 
 

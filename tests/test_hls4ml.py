@@ -361,7 +361,7 @@ def test_hls4ml_reads_the_tutorial_cnn_with_its_float_dense_output(tmp_path):
 
 @pytest.mark.slow
 def test_hls4ml_computes_the_merges_bit_for_bit(tmp_path):
-    """Subtract, Multiply, Maximum, Minimum, Add of three and Concatenate in hls4ml's C++."""
+    """Subtract, Multiply, Maximum, Minimum, Add of three, Concatenate, Permute in hls4ml's C++."""
     model = builders.merge_block()
     sources = [builders.INPUT_QUANTIZER] * 2
     onnx_model = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)

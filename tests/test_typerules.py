@@ -70,7 +70,7 @@ def test_export_passes_full_check_and_equals_qkeras_bit_for_bit(exported, name):
     [
         ("unet_decoder", {"Resize", "Concat", "Slice", "Pad", "Transpose"}),
         ("sequence_decoder", {"Split", "Slice", "Pad", "Tile"}),
-        ("merge_block", {"Sub", "Mul", "Max", "Min", "Add", "Concat"}),
+        ("merge_block", {"Sub", "Mul", "Max", "Min", "Add", "Concat", "Transpose"}),
     ],
 )
 def test_layers_become_the_ops_the_layer_table_names(exported, name, ops):
