@@ -163,6 +163,8 @@ def test_bilinear_upsampling_is_fixed_point_only_over_power_of_two_factors():
     assert typerules.upsampling(nearest, [value]) == value
     thirds = layers.UpSampling2D((3, 2), interpolation="bilinear", name="thirds")
     assert "not powers of two" in typerules.upsampling(thirds, [value]).reason
+    bicubic = layers.UpSampling2D(2, interpolation="bicubic", name="bicubic")
+    assert "'bicubic', in float" in typerules.upsampling(bicubic, [value]).reason
 
 
 def test_bilinear_output_type_holds_what_keras_computes(exported):

@@ -267,8 +267,8 @@ LAYERS: dict[str, LayerSpec] = {
         LayerSpec(
             "UpSampling2D",
             "copy",
-            "Resize (nearest or linear)",
-            "exact; bilinear: exact over power-of-two factors, else float",
+            "Resize (nearest, linear or cubic)",
+            "exact; bilinear: exact over power-of-two factors; bicubic, area: float",
             "no (hls4ml 1.3.0 fails on the empty roi input of tf2onnx's Resize)",
             _FINN_UNMEASURED,
             type_rule=typerules.upsampling,

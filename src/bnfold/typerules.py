@@ -114,15 +114,18 @@ def global_average_pooling(layer: Any, values: list[Typed]) -> Typed:
 
 def upsampling(layer: Any, values: list[Typed]) -> Typed:
     """Nearest-neighbour copies values; bilinear interpolation between neighbours is fixed point
-    when every factor is a power of two.
+    when every factor is a power of two; other interpolations are float.
 
     TensorFlow samples the input at ``(x + 0.5) / f - 0.5`` (half-pixel centres), so the
     interpolation weights are multiples of ``1 / (2 f)`` along each axis scaled by ``f``: a
     convex combination on a grid ``2 f`` times finer per such axis, within the input's range.
     """
     value = values[0]
-    if getattr(layer, "interpolation", "nearest") == "nearest" or isinstance(value, Untyped):
+    interpolation = getattr(layer, "interpolation", "nearest")
+    if interpolation == "nearest" or isinstance(value, Untyped):
         return value
+    if interpolation != "bilinear":
+        return Untyped(f"layer {layer.name!r} interpolates with {interpolation!r}, in float")
     factors = [factor for factor in layer.size if factor > 1]
     if any(factor & (factor - 1) for factor in factors):
         return Untyped(
