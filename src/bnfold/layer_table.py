@@ -290,7 +290,7 @@ LAYERS: dict[str, LayerSpec] = {
             "copy",
             "Add, Mul",
             "exact over a power-of-two number of inputs, else float",
-            "no (hls4ml 1.3.0 fails on the Mul by a constant after an Add)",
+            "no (hls4ml 1.3.0 fails making the Mul by 1/n an ApplyAlpha: its bias type)",
             _FINN_UNMEASURED,
             type_rule=typerules.average,
         ),
