@@ -531,7 +531,8 @@ def merge_block() -> keras.Model:
 
 
 def averages() -> keras.Model:
-    """Average of two and of four (fixed point) and of three (float) branches."""
+    """Average of two and of four (fixed point) and of three (float) branches; a
+    Concatenate of three."""
     inputs = keras.Input((8,), name="inputs")
     quantizers = ("quantized_bits(6,2,1)", "quantized_relu(4,1)", "quantized_bits(5,0,1)")
     branches = [
@@ -541,10 +542,7 @@ def averages() -> keras.Model:
     two = keras.layers.Average(name="mean2")(branches[:2])
     four = keras.layers.Average(name="mean4")(branches)
     three = keras.layers.Average(name="mean3")(branches[:3])
-    return _spread_weights(
-        keras.Model(
-            inputs,
-            [_qdense(3, "head2")(two), _qdense(3, "head4")(four), _qdense(3, "head3")(three)],
-            name="averages",
-        )
-    )
+    joined = keras.layers.Concatenate(name="joined")(branches[1:])
+    heads = [_qdense(3, f"head{n}")(x) for n, x in ((2, two), (4, four), (3, three))]
+    outputs = [*heads, _qdense(3, "head_joined")(joined)]
+    return _spread_weights(keras.Model(inputs, outputs, name="averages"))

@@ -121,6 +121,7 @@ def _inferred(model: keras.Model, name: str) -> tuple[list[FixedPoint], FixedPoi
         ("merge_block", "total", False),
         ("averages", "mean2", True),
         ("averages", "mean4", True),
+        ("averages", "joined", True),
     ],
 )
 def test_merge_types_hold_every_value_keras_computes_and_reach_their_ends(

@@ -294,7 +294,12 @@ LAYERS: dict[str, LayerSpec] = {
             _FINN_UNMEASURED,
             type_rule=typerules.average,
         ),
-        _plain("Concatenate", typerules.union, "Concat"),
+        _plain(
+            "Concatenate",
+            typerules.union,
+            "Concat",
+            "yes for two inputs (hls4ml 1.3.0 merges at most two; tf2onnx chains the other merges)",
+        ),
     )
 }
 
