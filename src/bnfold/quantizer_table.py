@@ -28,6 +28,7 @@ __all__ = [
     "QUANTIZERS",
     "QuantizerKind",
     "as_quantizer",
+    "describe",
     "fixed_point_of",
     "is_quantizer_name",
     "parse_quantizer",
@@ -43,9 +44,10 @@ _FLOAT32_EXPONENTS = range(-149, 128)
 
 
 _SUPPORTED = (
-    "quantized_bits (alpha None or 1), quantized_relu (use_sigmoid 0, negative_slope 0), "
-    "quantized_po2, quantized_relu_po2 (negative_slope 0), binary and ternary "
-    "(alpha None or 1); alpha 'auto' or 'auto_po2' only on kernels (allow_scale=True)"
+    "every QKeras quantizer but bernoulli and quantized_ulaw; quantized_relu with "
+    "use_sigmoid 0 and negative_slope 0 or a power of two up to 1; quantized_relu_po2 with "
+    "negative_slope 0; alpha 'auto', 'auto_po2' or a number other than 1 only on kernels "
+    "(allow_scale=True)"
 )
 
 # ------------------------------------------------------------------------------ parsing
@@ -146,9 +148,9 @@ def as_quantizer(quantizer: Any, *, layer: str | None = None) -> Any:
         return _from_config(quantizer, layer)
     name = type(quantizer).__name__
     if name in QUANTIZERS and type(quantizer) is getattr(quantizers, name):
-        _check_widths(quantizer, _Context(repr(_describe(quantizer)), layer))
+        _check_widths(quantizer, _Context(repr(describe(quantizer)), layer))
         return quantizer
-    raise _Context(repr(_describe(quantizer)), layer).error(
+    raise _Context(repr(describe(quantizer)), layer).error(
         "A fixed-point quantizer is required; this is not a QKeras quantizer, so its values "
         "stay float"
     )
@@ -222,7 +224,7 @@ class _Context:
         )
 
 
-def _describe(quantizer: Any) -> str:
+def describe(quantizer: Any) -> str:
     """The quantizer's QKeras string, or its class and config where ``__str__`` fails."""
     try:
         return str(quantizer)
@@ -270,6 +272,28 @@ def _scaled_grid(name: str, alpha: str, context: _Context) -> None:
         )
 
 
+def _numeric_alpha(name: str, alpha: Any, context: _Context) -> bool:
+    """Whether a numeric ``alpha`` scales the outputs: QKeras multiplies the grid by it.
+
+    Only a kernel can carry that scale (its Quant node's scale, per channel for an
+    array); the caller checks that it is a power of two. Elsewhere it is refused.
+    """
+    if alpha is None or _is_one(alpha):
+        return False
+    try:
+        values = np.asarray(alpha, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise context.error(f"{name} alpha must be None, a number or an array") from exc
+    if values.size == 0 or not np.all(np.isfinite(values) & (values > 0)):
+        raise context.error(f"{name} alpha must be positive")
+    if not context.allow_scale:
+        raise context.error(
+            f"{name} with alpha={alpha!r} multiplies its outputs by alpha; bnfold exports "
+            "that only on kernels (pass allow_scale=True to get the grid alpha multiplies)"
+        )
+    return True
+
+
 def _symmetric_field(quantizer: Any, context: _Context) -> bool:
     """``symmetric`` as QKeras uses it: ``-2**(bits-1) + symmetric`` is the lowest code.
 
@@ -314,8 +338,7 @@ def _quantized_bits(quantizer: Any, context: _Context) -> FixedPoint:
             raise context.error("quantized_bits with alpha 'auto'/'auto_po2' must be symmetric")
         # Codes are clipped to +-(2**(bits-1) - 1): the narrow grid.
         return FixedPoint(bits, integer, True, narrow=True)
-    if alpha is not None and not _is_one(alpha):
-        raise context.error("quantized_bits alpha must be None or 1")
+    _numeric_alpha("quantized_bits", alpha, context)
     if bits == 1 and signed:
         # No magnitude bits left: QKeras outputs sign(x) in {-1, +1}, whatever symmetric.
         return FixedPoint.narrowest_holding(-1.0, 1.0, 1.0)
@@ -323,17 +346,27 @@ def _quantized_bits(quantizer: Any, context: _Context) -> FixedPoint:
 
 
 def _quantized_relu(quantizer: Any, context: _Context) -> FixedPoint:
-    """``quantized_relu`` is the unsigned grid with step ``2**(integer - bits)``."""
+    """``quantized_relu`` is the unsigned grid with step ``2**(integer - bits)``.
+
+    With a ``negative_slope`` one bit goes to the sign: step ``2**(integer - bits + 1)``,
+    and negative inputs are scaled by the slope, rounded on that step and clipped at
+    ``-slope * 2**integer``. QKeras allows only power-of-two slopes, which scale exactly.
+    """
     bits = _integer_field(quantizer, "bits", context)
     integer = _integer_field(quantizer, "integer", context)
     _check_plain_outputs(quantizer, context)
     if quantizer.use_sigmoid:
         raise context.error("quantized_relu must have use_sigmoid=0")
-    if quantizer.negative_slope != 0:
-        raise context.error("quantized_relu must have negative_slope=0")
     if bits < 1:
         raise context.error("quantized_relu needs at least 1 bit")
+    slope = _negative_slope(quantizer, context)
     result = FixedPoint(bits, integer, False)
+    if slope:
+        if bits < 2:
+            raise context.error("quantized_relu with a negative_slope needs at least 2 bits")
+        step = math.ldexp(1.0, integer - bits + 1)
+        top = math.ldexp(1.0, integer) - step
+        result = FixedPoint.narrowest_holding(-slope * math.ldexp(1.0, integer), top, step)
     bound = quantizer.relu_upper_bound
     if bound and not quantizer.is_quantized_clip:
         # QKeras then replaces outputs above the bound by the bound itself.
@@ -343,6 +376,17 @@ def _quantized_relu(quantizer: Any, context: _Context) -> FixedPoint:
                 "is_quantized_clip is False"
             )
     return result
+
+
+def _negative_slope(quantizer: Any, context: _Context) -> float:
+    """A ``quantized_relu``'s negative slope: 0, or a power of two (QKeras asserts that) up to 1.
+
+    Above 1 the export does not reproduce QKeras (measured with a slope of 2).
+    """
+    slope = float(quantizer.negative_slope)
+    if slope != 0 and not (0 < slope <= 1 and math.frexp(slope)[0] == 0.5):
+        raise context.error("quantized_relu's negative_slope must be 0 or a power of two up to 1")
+    return slope
 
 
 def _exponent_sign_bit(max_value: float | None) -> int:
@@ -408,8 +452,8 @@ def _binary(quantizer: Any, context: _Context) -> FixedPoint:
     alpha = quantizer.alpha
     if isinstance(alpha, str):
         _scaled_grid("binary", alpha, context)
-    elif alpha is not None and not _is_one(alpha):
-        raise context.error("binary alpha must be None or 1")
+    else:
+        _numeric_alpha("binary", alpha, context)
     if quantizer.use_01:
         return FixedPoint.narrowest_holding(0.0, 1.0, 1.0)
     return FixedPoint.narrowest_holding(-1.0, 1.0, 1.0)
@@ -423,13 +467,41 @@ def _ternary(quantizer: Any, context: _Context) -> FixedPoint:
         if quantizer.threshold is not None:
             raise context.error("ternary with alpha 'auto'/'auto_po2' needs threshold=None")
     else:
-        if alpha is not None and not _is_one(alpha):
-            raise context.error("ternary alpha must be None or 1")
+        _numeric_alpha("ternary", alpha, context)
         if quantizer.use_stochastic_rounding:
             raise context.error("ternary with a numeric alpha needs use_stochastic_rounding=False")
         if isinstance(quantizer.threshold, str):
             raise context.error("ternary threshold must be None or a number")
     return FixedPoint.narrowest_holding(-1.0, 1.0, 1.0)
+
+
+def _quantized_tanh(quantizer: Any, context: _Context) -> FixedPoint:
+    """``quantized_tanh`` rounds to ``bits`` signed bits with step ``2**(1 - bits)``.
+
+    Its outputs lie in ``[-1, 1 - step]``; ``symmetric`` drops -1 (the narrow grid).
+    """
+    bits = _integer_field(quantizer, "bits", context)
+    if bits < 1:
+        raise context.error("quantized_tanh needs at least 1 bit")
+    return FixedPoint(bits, 0, True, narrow=bool(quantizer.symmetric))
+
+
+def _quantized_sigmoid(quantizer: Any, context: _Context) -> FixedPoint:
+    """``quantized_sigmoid`` rounds to ``bits`` unsigned bits with step ``2**-bits``.
+
+    ``symmetric`` only raises the lowest output from 0 to one step, still on this grid.
+    """
+    bits = _integer_field(quantizer, "bits", context)
+    if bits < 1:
+        raise context.error("quantized_sigmoid needs at least 1 bit")
+    return FixedPoint(bits, 0, False)
+
+
+def _quantized_hswish(quantizer: Any, context: _Context) -> FixedPoint:
+    """``quantized_hswish`` is a ``quantized_bits`` applied to the hard swish of its input."""
+    if not (quantizer.relu_shift > 0 and quantizer.relu_upper_bound > 0):
+        raise context.error("quantized_hswish needs a positive relu_shift and relu_upper_bound")
+    return _quantized_bits(quantizer, context)
 
 
 # ---------------------------------------------------------------------------- the table
@@ -441,22 +513,85 @@ def _unchanged(quantizer: Any, x: Any) -> Any:
 
 
 def _relu(quantizer: Any, x: Any) -> Any:
-    """A Relu before the Quant node: ``quantized_relu`` outputs 0 for negative inputs."""
-    return tf.nn.relu(x)
+    """``quantized_relu``: a Relu, or with a slope a LeakyRelu clipped where QKeras clips."""
+    slope = float(quantizer.negative_slope)
+    if not slope:
+        return tf.nn.relu(x)
+    lowest = -slope * 2.0 ** float(plain_int(quantizer.integer, "integer"))
+    return tf.maximum(tf.nn.leaky_relu(x, alpha=slope), lowest)
+
+
+def _qkeras_ops(quantizer: Any, x: Any) -> Any:
+    """The quantizer's own TensorFlow ops (for power-of-two exponents: Log, Round, Pow)."""
+    return quantizer(x)
+
+
+def _ternary_threshold(quantizer: Any, x: Any) -> Any:
+    """``x / (2 * threshold)``: the Quant after it, rounding halves up, gives +-1 where
+    ``|x| >= threshold`` and 0 elsewhere, as QKeras's comparison does."""
+    threshold = quantizer.default_threshold if quantizer.threshold is None else quantizer.threshold
+    return tf.math.divide(x, tf.constant(2.0 * float(threshold), tf.float32))
+
+
+def _internal_sigmoid(x: Any) -> Any:
+    """QKeras's internal sigmoid (hard by default; ``set_internal_sigmoid`` changes it)."""
+    return quantizers._sigmoid(x)
+
+
+def _tanh(quantizer: Any, x: Any) -> Any:
+    """What ``quantized_tanh`` rounds: tanh, or ``2 * sigmoid(x) - 1`` with QKeras's sigmoid."""
+    if quantizer.use_real_tanh:
+        return tf.math.tanh(x)
+    return 2.0 * _internal_sigmoid(x) - 1.0
+
+
+def _sigmoid(quantizer: Any, x: Any) -> Any:
+    """What ``quantized_sigmoid`` rounds; ``symmetric`` lifts it to at least one step."""
+    p = tf.math.sigmoid(x) if quantizer.use_real_sigmoid else _internal_sigmoid(x)
+    if quantizer.symmetric:
+        # QKeras clips the rounded value at one step; clipping first rounds the same.
+        p = tf.maximum(p, 2.0 ** -float(plain_int(quantizer.bits, "bits")))
+    return p
+
+
+def _hswish(quantizer: Any, x: Any) -> Any:
+    """The hard swish ``quantized_hswish`` computes before its ``quantized_bits``."""
+    shifted = x + quantizer.relu_shift
+    bound = quantizer.relu_upper_bound
+    clipped = tf.where(shifted <= bound, tf.nn.relu(shifted), tf.ones_like(shifted) * bound)
+    return tf.math.multiply(x, clipped) / bound
+
+
+@dataclass(frozen=True)
+class ActivationForm:
+    """How a quantizer on an activation is exported: a float op, then a QONNX node.
+
+    Attributes:
+        before: the float op before the node, from the quantizer and the tensor; the
+            strip stage applies it in the float model, tf2onnx converts it.
+        node: ``"Quant"``, or ``"BipolarQuant"`` (outputs +-1, +1 for 0).
+        rounding: the Quant node's ``rounding_mode``.
+    """
+
+    before: Callable[[Any, Any], Any] = _unchanged
+    node: str = "Quant"
+    rounding: str = "ROUND"
 
 
 @dataclass(frozen=True)
 class QuantizerKind:
     """What bnfold does with one QKeras quantizer class.
 
+    On kernels and biases every quantizer with a type is exported alike: the
+    initializer holds the values QKeras computed, and a Quant node of the type's grid
+    (times the per-channel scale, if any) gives them back exactly.
+
     Attributes:
         name: the QKeras class name.
         type_rule: the ``FixedPoint`` holding every output at inference, from the
             quantizer object; None for a quantizer without one.
         refused: why it has no fixed-point type, for a ``type_rule`` of None.
-        activation: on an activation, the float op the float model applies before the
-            Quant node (tf2onnx converts it), from the quantizer and the tensor; None
-            where the quantizer is not exported on activations.
+        activation: how it is exported on an activation; None where it is not.
         onnx: what it is exported as, as the README shows it.
         exact: "exact" when the export reproduces QKeras bit for bit, or the condition.
         hls4ml: what hls4ml 1.3.0's ONNX front end makes of it.
@@ -466,14 +601,22 @@ class QuantizerKind:
     name: str
     type_rule: Callable[[Any, _Context], FixedPoint] | None
     refused: str | None
-    activation: Callable[[Any, Any], Any] | None
+    activation: ActivationForm | None
     onnx: str
     exact: str
     hls4ml: str
     finn: str
 
 
-_RANDOM = "it samples its output at random"
+_RANDOM = "it samples its output at random, in inference too"
+_REFUSED = ("refused (QuantizerError)", "-", "-", "-")
+_ON_WEIGHTS = "Quant on weights"
+_FLOAT_OP_EXACT = "exact where onnxruntime's float op rounds as TensorFlow's (checked at export)"
+
+
+def _po2(signed: bool) -> Callable[[Any, _Context], FixedPoint]:
+    return lambda quantizer, context: _power_of_two(quantizer, context, signed=signed)
+
 
 QUANTIZERS: dict[str, QuantizerKind] = {
     kind.name: kind
@@ -482,8 +625,8 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "quantized_bits",
             _quantized_bits,
             None,
-            _unchanged,
-            "Quant",
+            ActivationForm(),
+            "Quant; a numeric alpha (power of two, kernels only) is the Quant scale",
             "exact",
             "yes",
             "yes",
@@ -492,76 +635,112 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "quantized_relu",
             _quantized_relu,
             None,
-            _relu,
-            "Relu + Quant on activations, Quant on weights",
+            ActivationForm(_relu),
+            "Relu + Quant (negative_slope, a power of two: LeakyRelu + Max + Quant)",
             "exact",
-            "yes",
-            "yes",
+            "yes (negative_slope: untested)",
+            "yes (negative_slope: no, float ops)",
         ),
         QuantizerKind(
             "quantized_po2",
-            lambda quantizer, context: _power_of_two(quantizer, context, signed=True),
+            _po2(True),
             None,
-            None,
-            "Quant on weights (the narrowest grid holding the powers of two)",
-            "exact",
-            "yes",
-            "yes",
+            ActivationForm(_qkeras_ops),
+            f"{_ON_WEIGHTS} (the grid holding the powers of two); on activations QKeras's "
+            "ops (Abs, Log, Round, Min, Max, Pow, Sign, ...) + Quant",
+            f"exact on weights; on activations {_FLOAT_OP_EXACT}",
+            "weights yes; activations no (no handler for Log)",
+            "weights yes; activations no (float ops, left to software)",
         ),
         QuantizerKind(
             "quantized_relu_po2",
-            lambda quantizer, context: _power_of_two(quantizer, context, signed=False),
+            _po2(False),
             None,
+            ActivationForm(_qkeras_ops),
+            f"{_ON_WEIGHTS} (the grid holding the powers of two); on activations QKeras's "
+            "ops (Relu, Log, Round, Min, Max, Pow, ...) + Quant",
+            f"exact on weights; on activations {_FLOAT_OP_EXACT}",
+            "weights yes; activations no (no handler for Log)",
+            "weights yes; activations no (float ops, left to software)",
+        ),
+        QuantizerKind(
+            "binary",
+            _binary,
             None,
-            "Quant on weights (the narrowest grid holding the powers of two)",
+            ActivationForm(node="BipolarQuant"),
+            f"{_ON_WEIGHTS}; BipolarQuant on activations (not use_01)",
             "exact",
-            "yes",
+            "weights yes; activations untested",
             "yes",
         ),
-        QuantizerKind("binary", _binary, None, None, "Quant on weights", "exact", "yes", "yes"),
-        QuantizerKind("ternary", _ternary, None, None, "Quant on weights", "exact", "yes", "yes"),
-        QuantizerKind("bernoulli", None, _RANDOM, None, "refused", "-", "-", "-"),
-        QuantizerKind("stochastic_binary", None, _RANDOM, None, "refused", "-", "-", "-"),
-        QuantizerKind("stochastic_ternary", None, _RANDOM, None, "refused", "-", "-", "-"),
+        QuantizerKind(
+            "stochastic_binary",
+            _binary,
+            None,
+            ActivationForm(node="BipolarQuant"),
+            "as binary (deterministic at inference)",
+            "exact",
+            "weights yes; activations untested",
+            "yes",
+        ),
+        QuantizerKind(
+            "ternary",
+            _ternary,
+            None,
+            ActivationForm(_ternary_threshold, rounding="HALF_UP"),
+            f"{_ON_WEIGHTS}; on activations Mul by 1/(2*threshold) + Quant (HALF_UP)",
+            "exact on weights; on activations exact unless an input lies within float32 "
+            "rounding of the threshold (checked at export)",
+            "weights yes; activations no (HALF_UP rounding)",
+            "weights yes; activations untested",
+        ),
+        QuantizerKind(
+            "stochastic_ternary",
+            _ternary,
+            None,
+            ActivationForm(_ternary_threshold, rounding="HALF_UP"),
+            "as ternary (deterministic at inference)",
+            "as ternary",
+            "weights yes; activations no (HALF_UP rounding)",
+            "weights yes; activations untested",
+        ),
+        QuantizerKind(
+            "quantized_tanh",
+            _quantized_tanh,
+            None,
+            ActivationForm(_tanh),
+            "2 * hard sigmoid - 1 (Mul, Add, Min, Max) or Tanh (use_real_tanh) + Quant",
+            f"exact with the hard sigmoid; Tanh: {_FLOAT_OP_EXACT}",
+            "untested",
+            "no (float ops, left to software)",
+        ),
+        QuantizerKind(
+            "quantized_sigmoid",
+            _quantized_sigmoid,
+            None,
+            ActivationForm(_sigmoid),
+            "hard sigmoid (Mul, Add, Min, Max) or Sigmoid (use_real_sigmoid) + Quant",
+            f"exact with the hard sigmoid; Sigmoid: {_FLOAT_OP_EXACT}",
+            "untested",
+            "no (float ops, left to software)",
+        ),
+        QuantizerKind(
+            "quantized_hswish",
+            _quantized_hswish,
+            None,
+            ActivationForm(_hswish),
+            "hard swish (Add, LessOrEqual, Not, Cast, Relu, Mul) + Quant",
+            _FLOAT_OP_EXACT,
+            "no (no handler for LessOrEqual)",
+            "no (float ops, left to software)",
+        ),
+        QuantizerKind("bernoulli", None, _RANDOM, None, *_REFUSED),
         QuantizerKind(
             "quantized_ulaw",
             None,
             "its levels are u-law companded, not a uniform grid",
             None,
-            "refused",
-            "-",
-            "-",
-            "-",
-        ),
-        QuantizerKind(
-            "quantized_tanh",
-            None,
-            "it applies tanh before quantizing, which bnfold does not export",
-            None,
-            "refused",
-            "-",
-            "-",
-            "-",
-        ),
-        QuantizerKind(
-            "quantized_sigmoid",
-            None,
-            "it applies a sigmoid before quantizing, which bnfold does not export",
-            None,
-            "refused",
-            "-",
-            "-",
-            "-",
-        ),
-        QuantizerKind(
-            "quantized_hswish",
-            None,
-            "it applies hard swish before quantizing, which bnfold does not export",
-            None,
-            "refused",
-            "-",
-            "-",
-            "-",
+            *_REFUSED,
         ),
     )
 }
@@ -577,7 +756,7 @@ def fixed_point_of(
 ) -> FixedPoint:
     """The type holding every output of a QKeras quantizer; see ``FixedPoint.from_quantizer``."""
     quantizer = as_quantizer(quantizer, layer=layer)
-    context = _Context(repr(_describe(quantizer)), layer, allow_scale)
+    context = _Context(repr(describe(quantizer)), layer, allow_scale)
     kind = quantizer_kind(quantizer)
     if kind.type_rule is None:
         raise context.error(f"{kind.name} has no fixed-point type ({kind.refused})")

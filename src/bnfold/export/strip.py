@@ -39,7 +39,7 @@ from bnfold.folding import constructor_arguments, folded_layer_type
 from bnfold.graph import iter_layers, propagate
 from bnfold.keras import keras, tf
 from bnfold.layer_table import layer_spec, mac_layer_type
-from bnfold.quantizer_table import QUANTIZERS, quantizer_kind
+from bnfold.quantizer_table import describe, quantizer_kind
 from bnfold.typerules import Untyped
 
 POINT_PREFIX = "bnfold:"
@@ -59,11 +59,15 @@ class QuantSpec:
         fixed: the grid of the values (before any per-channel scale).
         quantizer: the QKeras quantizer string, for metadata.
         scale: per-channel power-of-two multipliers of ``fixed.step``, or None.
+        node: the QONNX op, ``"Quant"`` or ``"BipolarQuant"`` (+-1, scale ``fixed.step``).
+        rounding: the Quant node's ``rounding_mode``.
     """
 
     fixed: FixedPoint
     quantizer: str
     scale: np.ndarray | None = None
+    node: str = "Quant"
+    rounding: str = "ROUND"
 
 
 @dataclass(frozen=True)
@@ -188,17 +192,22 @@ class QuantPoint(keras.layers.Layer):
 
 
 def _activation_quant(quantizer: Any, path: str) -> tuple[QuantSpec, Callable[[Any], Any]]:
-    """The Quant for an activation quantizer, and the float op that comes before it."""
-    kind = quantizer_kind(quantizer)
-    if kind.activation is None:
-        *others, last = [name for name, entry in QUANTIZERS.items() if entry.activation]
-        raise QuantizerError(
-            f"An activation quantizer must be {', '.join(others)} or {last} to export as a QONNX "
-            f"Quant. Received: layer={path!r} with quantizer={str(quantizer)!r}"
-        )
+    """The Quant for an activation quantizer, and the float op that comes before it.
+
+    Every quantizer with a type has an activation form in the quantizer table.
+    """
     _check_full_quantization(quantizer, path)
     fixed = FixedPoint.from_quantizer(quantizer, layer=path)
-    return QuantSpec(fixed, str(quantizer)), functools.partial(kind.activation, quantizer)
+    kind = quantizer_kind(quantizer)
+    form = kind.activation
+    if form.node == "BipolarQuant" and fixed.min != -fixed.max:
+        raise QuantizerError(
+            f"{kind.name} exports on activations as a QONNX BipolarQuant, which outputs -1 "
+            f"and 1, not 0 and 1 (use_01). Received: layer={path!r} with "
+            f"quantizer={describe(quantizer)!r}"
+        )
+    quant = QuantSpec(fixed, describe(quantizer), node=form.node, rounding=form.rounding)
+    return quant, functools.partial(form.before, quantizer)
 
 
 def _check_full_quantization(quantizer: Any, path: str) -> None:
@@ -206,7 +215,7 @@ def _check_full_quantization(quantizer: Any, path: str) -> None:
     if float(np.asarray(factor)) != 1.0:
         raise QuantizerError(
             "A quantizer must fully quantize (qnoise_factor 1) to export. Received: "
-            f"layer={path!r} with quantizer={str(quantizer)!r}, qnoise_factor={float(factor)}"
+            f"layer={path!r} with quantizer={describe(quantizer)!r}, qnoise_factor={float(factor)}"
         )
 
 
@@ -233,7 +242,7 @@ def _weight_quant(
     if quantizer is None:
         return None
     _check_full_quantization(quantizer, path)
-    return QuantSpec(fixed, str(quantizer), scale)
+    return QuantSpec(fixed, describe(quantizer), scale)
 
 
 def _float_config(layer: Any, float_class: type) -> dict[str, Any]:
