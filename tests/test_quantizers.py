@@ -184,3 +184,52 @@ def test_quantizers_qonnx_cannot_express_are_refused_by_name(kernel, activation,
     model = build(kernel, activation, "dense")
     with pytest.raises(QuantizerError, match=mentions):
         bnfold.export_onnx(model, source_quantizers=[SOURCE], verify=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["binary", "bits-unsigned", "ternary-kernel", "po2-kernel"])
+def test_hls4ml_c_simulation_equals_qkeras_bit_for_bit(exported, name, tmp_path):
+    import hls4ml
+
+    from bnfold.hls4ml import prepare_for_hls4ml
+
+    model = exported[name][0]
+    # hls4ml 1.3.0 reads one scale per weight Quant (ternary() kernels get auto_po2 scales).
+    onnx_model = bnfold.export_onnx(model, source_quantizers=[SOURCE], per_channel_scales=False)
+    cleaned, config = prepare_for_hls4ml(onnx_model)
+    hls_model = hls4ml.converters.convert_from_onnx_model(
+        cleaned,
+        output_dir=str(tmp_path / "hls4ml_prj"),
+        backend="Vitis",
+        io_type="io_parallel",
+        hls_config=config,
+    )
+    hls_model.compile()
+    inputs = sample_inputs(model, [FixedPoint.from_quantizer(SOURCE)], count=64, seed=3)[0]
+    expected = model.predict(inputs, verbose=0)
+    predicted = hls_model.predict(np.ascontiguousarray(inputs))
+    np.testing.assert_array_equal(np.reshape(predicted, expected.shape), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("ternary", "HALF_UP not supported"),
+        ("tanh", "list index out of range"),
+    ],
+)
+def test_hls4ml_cannot_read_these_activation_forms(exported, name, message, tmp_path):
+    """What the README's table says hls4ml 1.3.0 does not read, as it fails today."""
+    import hls4ml
+
+    from bnfold.hls4ml import prepare_for_hls4ml
+
+    cleaned, config = prepare_for_hls4ml(exported[name][1])
+    with pytest.raises(Exception, match=message):
+        hls4ml.converters.convert_from_onnx_model(
+            cleaned,
+            output_dir=str(tmp_path / "hls4ml_prj"),
+            backend="Vitis",
+            io_type="io_parallel",
+            hls_config=config,
+        )

@@ -638,7 +638,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             ActivationForm(_relu),
             "Relu + Quant (negative_slope, a power of two: LeakyRelu + Max + Quant)",
             "exact",
-            "yes (negative_slope: untested)",
+            "yes (negative_slope: no, it fails on the Max with a constant: IndexError)",
             "yes (negative_slope: no, float ops)",
         ),
         QuantizerKind(
@@ -670,7 +670,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             ActivationForm(node="BipolarQuant"),
             f"{_ON_WEIGHTS}; BipolarQuant on activations (not use_01)",
             "exact",
-            "weights yes; activations untested",
+            "yes",
             "yes",
         ),
         QuantizerKind(
@@ -680,7 +680,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             ActivationForm(node="BipolarQuant"),
             "as binary (deterministic at inference)",
             "exact",
-            "weights yes; activations untested",
+            "yes",
             "yes",
         ),
         QuantizerKind(
@@ -691,7 +691,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             f"{_ON_WEIGHTS}; on activations Mul by 1/(2*threshold) + Quant (HALF_UP)",
             "exact on weights; on activations exact unless an input lies within float32 "
             "rounding of the threshold (checked at export)",
-            "weights yes; activations no (HALF_UP rounding)",
+            "weights yes; activations no (its Quant reads only ROUND and FLOOR)",
             "weights yes; activations untested",
         ),
         QuantizerKind(
@@ -701,7 +701,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             ActivationForm(_ternary_threshold, rounding="HALF_UP"),
             "as ternary (deterministic at inference)",
             "as ternary",
-            "weights yes; activations no (HALF_UP rounding)",
+            "weights yes; activations no (its Quant reads only ROUND and FLOOR)",
             "weights yes; activations untested",
         ),
         QuantizerKind(
@@ -711,7 +711,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             ActivationForm(_tanh),
             "2 * hard sigmoid - 1 (Mul, Add, Min, Max) or Tanh (use_real_tanh) + Quant",
             f"exact with the hard sigmoid; Tanh: {_FLOAT_OP_EXACT}",
-            "untested",
+            "no (hls4ml 1.3.0 fails on its Min/Max with a constant: IndexError)",
             "no (float ops, left to software)",
         ),
         QuantizerKind(
@@ -721,7 +721,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             ActivationForm(_sigmoid),
             "hard sigmoid (Mul, Add, Min, Max) or Sigmoid (use_real_sigmoid) + Quant",
             f"exact with the hard sigmoid; Sigmoid: {_FLOAT_OP_EXACT}",
-            "untested",
+            "no (hls4ml 1.3.0 fails on its Min/Max with a constant: IndexError)",
             "no (float ops, left to software)",
         ),
         QuantizerKind(
