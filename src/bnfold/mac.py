@@ -20,6 +20,7 @@ from bnfold.fixedpoint import FixedPoint, QuantizerError
 from bnfold.folding import folded_layer_type, folded_weights
 from bnfold.keras import tf
 from bnfold.layer_table import LAYERS, mac_layer_type
+from bnfold.quantizer_table import describe
 
 # The finest grid on which a plain Keras layer's float weights are read as fixed
 # point; trained float weights need more, so they stay float.
@@ -115,13 +116,15 @@ def _quantize(
     return quantized, scale
 
 
-def _power_of_two_scale(scale: Any, layer: Any, kernel: np.ndarray) -> np.ndarray:
+def _power_of_two_scale(scale: Any, layer: Any, kernel: np.ndarray, quantizer: Any) -> np.ndarray:
+    """The per-channel scale (``alpha``) a kernel quantizer set, broadcast to the kernel."""
     scale = np.asarray(scale, dtype=np.float32)
     exponents = np.log2(scale)
     if not np.all(exponents == np.round(exponents)):
         raise QuantizerError(
             "A kernel quantizer's scale must be a power of two to have a fixed-point type "
-            f"(use alpha='auto_po2', not 'auto'). Received: layer={layer.name!r} with scales "
+            "(use alpha='auto_po2', not 'auto', or powers of two). Received: "
+            f"layer={layer.name!r} with quantizer={describe(quantizer)!r}, scales "
             f"{sorted(set(np.unique(scale).tolist()))[:4]}"
         )
     return np.broadcast_to(scale, (1,) * (kernel.ndim - scale.ndim) + scale.shape).copy()
@@ -173,8 +176,9 @@ def quantized_weights(layer: Any) -> QuantizedWeights:
             kernel_quantizer, layer=layer.name, allow_scale=True
         )
         kernel, scale = _quantize(kernel_quantizer, kernel, layer, "kernel")
-        if isinstance(getattr(kernel_quantizer, "alpha", None), str):
-            kernel_scale = _power_of_two_scale(scale, layer, kernel)
+        alpha = getattr(kernel_quantizer, "alpha", None)
+        if isinstance(alpha, str) or not (alpha is None or np.all(np.asarray(alpha) == 1)):
+            kernel_scale = _power_of_two_scale(scale, layer, kernel, kernel_quantizer)
     bias_quantizer = getattr(layer, "bias_quantizer_internal", None)
     bias_type = None
     if bias is not None and bias_quantizer is not None:
