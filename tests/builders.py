@@ -418,6 +418,16 @@ def softmax_classifier() -> keras.Model:
     return _randomized(keras.Model(inputs, x, name="softmax_classifier"))
 
 
+def activation_heads() -> keras.Model:
+    """One QDense read by a float activation of each kind, each its own output."""
+    inputs = keras.Input((8,), name="features")
+    x = q.QDense(6, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name="fc")(inputs)
+    functions = ("sigmoid", "tanh", "softplus", "softsign", "elu", "selu", "hard_sigmoid")
+    outputs = [keras.layers.Activation(name, name=name)(x) for name in functions]
+    outputs.append(keras.layers.LeakyReLU(0.2, name="leaky_relu")(x))
+    return _randomized(keras.Model(inputs, outputs, name="activation_heads"))
+
+
 FLOAT_TAIL_BUILDERS = {
     "tutorial_cnn": tutorial_cnn,
     "ds_cnn": ds_cnn,

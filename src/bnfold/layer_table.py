@@ -91,7 +91,7 @@ class ActivationFunction:
 
 
 _MOVES = "yes"
-_UNTESTED = "every op has a handler; untested"
+_SWISH = "yes (its sigmoid from a 1024-entry table: within abs(x)/256)"
 _FLOAT_OP = "no (float op, left to software)"
 
 
@@ -127,7 +127,10 @@ def _float(name: str, onnx: str, hls4ml: str, export: str = "copy") -> LayerSpec
 
 
 _NO_CONV1D = "no (hls4ml 1.3.0 reads no 1-D Conv from ONNX)"
-_AVERAGE = "yes, as a depthwise Conv, when the window is a power of two and unpadded"
+_AVERAGE = (
+    "yes, as a depthwise Conv, when unpadded: exact over a power-of-two window, else its "
+    "weights 1/n rounded (see hls4ml below)"
+)
 _BATCHNORM = (
     "BatchNormalization (4-D); Mul + Add (2-D)",
     "yes (BatchNormOnnx; Mul + Add with constants become ApplyAlpha)",
@@ -264,13 +267,19 @@ ACTIVATION_FUNCTIONS: dict[str, ActivationFunction] = {
         ActivationFunction("softmax", "Softmax", "float", "yes", _FLOAT_OP),
         ActivationFunction("sigmoid", "Sigmoid", "float", "yes", _FLOAT_OP),
         ActivationFunction("tanh", "Tanh", "float", "yes", _FLOAT_OP),
-        ActivationFunction("hard_sigmoid", "Mul, Add, Min, Max", "float", _UNTESTED, _FLOAT_OP),
+        ActivationFunction(
+            "hard_sigmoid",
+            "Mul, Add, Min, Max",
+            "float",
+            "no (Min and Max with a constant fail in its precision inference)",
+            _FLOAT_OP,
+        ),
         ActivationFunction("softplus", "Softplus", "float", "yes", _FLOAT_OP),
         ActivationFunction("softsign", "Softsign", "float", "yes", _FLOAT_OP),
         ActivationFunction("elu", "Elu", "float", "yes", _FLOAT_OP),
         ActivationFunction("selu", "Selu", "float", "yes", _FLOAT_OP),
-        ActivationFunction("swish", "Mul, Sigmoid, Mul", "float", _UNTESTED, _FLOAT_OP),
-        ActivationFunction("silu", "Mul, Sigmoid, Mul", "float", _UNTESTED, _FLOAT_OP),
+        ActivationFunction("swish", "Mul, Sigmoid, Mul", "float", _SWISH, _FLOAT_OP),
+        ActivationFunction("silu", "Mul, Sigmoid, Mul", "float", _SWISH, _FLOAT_OP),
         ActivationFunction("exponential", "Exp", "float", _no_handler("Exp"), _FLOAT_OP),
         ActivationFunction("relu6", "Clip", "float", _no_handler("Clip"), _FLOAT_OP),
     )
