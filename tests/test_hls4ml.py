@@ -434,10 +434,12 @@ def test_hls4ml_softmax_approximates_the_float_softmax(softmax_classifier):
 
 
 @pytest.mark.slow
-def test_hls4ml_reads_standalone_batchnorm_and_gives_the_logits_bit_for_bit(tmp_path):
-    """QDense + BatchNormalization + QActivation: the batch normalization computes in
-    hls4ml's default precision, which prepare_for_hls4ml widens for float parts."""
-    predicted, _, logits = _hls4ml_predictions(builders.jet_softmax_batchnorm(), True, tmp_path)
+@pytest.mark.parametrize("name", ["jet_softmax_batchnorm", "qbatchnorm_mlp"])
+def test_hls4ml_reads_standalone_batchnorm_and_gives_the_logits_bit_for_bit(name, tmp_path):
+    """QDense + BatchNormalization (or QBatchNormalization) + QActivation: the batch
+    normalization computes in the types prepare_for_hls4ml gives float parts."""
+    model = builders.FLOAT_TAIL_BUILDERS[name]()
+    predicted, _, logits = _hls4ml_predictions(model, True, tmp_path)
     np.testing.assert_array_equal(predicted, logits)
 
 
@@ -496,6 +498,56 @@ def test_hls4ml_computes_swish_with_its_sigmoid_table(function, tmp_path):
     inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], 64)
     before = keras.Model(model.input, model.get_layer("fc").output).predict(inputs, verbose=0)
     assert np.all(np.abs(predicted - expected) <= np.abs(before) / 256 + 2**-10)
+
+
+# Measured on activation_heads with inputs from -20.5 to 21.1: sigmoid 0.0044, tanh 0.0067,
+# elu 0.0039, selu 0.0076, and within |x| < 8 softplus 0.015 and softsign 0.012 (hls4ml's
+# tables span [-8, 8)); LeakyReLU 5e-5 (its result type), ThresholdedReLU 0.
+TABLE_ERROR = 2**-6
+PIECEWISE_LINEAR_ERROR = 2**-10
+# Tables that saturate at |x| = 8: beyond, the function keeps growing and hls4ml does not.
+SATURATING = ("softplus", "softsign")
+
+
+@pytest.mark.slow
+def test_hls4ml_computes_every_float_activation_it_reads(tmp_path):
+    """Each float activation after a QDense, one model with an output per function, through
+    hls4ml's C simulation: table-based functions within TABLE_ERROR (softplus and softsign
+    only for inputs within [-8, 8)), LeakyReLU and ThresholdedReLU within
+    PIECEWISE_LINEAR_ERROR. The Elu's alpha reaches hls4ml (it reads a missing one as 0.01)."""
+    import hls4ml
+
+    model = builders.activation_heads(builders.FLOAT_ACTIVATIONS[:-1])  # not hard_sigmoid
+    sources = [builders.INPUT_QUANTIZER]
+    exported = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
+    cleaned, config = prepare_for_hls4ml(exported)
+    hls_model = hls4ml.converters.convert_from_onnx_model(
+        cleaned,
+        output_dir=str(tmp_path / "hls4ml_prj"),
+        backend="Vitis",
+        io_type="io_parallel",
+        hls_config=config,
+    )
+    hls_model.compile()
+    bnfold.populate_bias_quantizer_from_accumulator(model, sources)
+    inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], 64)
+    predicted = hls_model.predict(np.ascontiguousarray(inputs[0]))
+    before = keras.Model(model.input, model.get_layer("fc").output).predict(inputs, verbose=0)
+    assert before.min() < -8 and before.max() > 8
+    expected = model.predict(inputs, verbose=0)
+    for name, values, output in zip(
+        model.output_names, expected, cleaned.graph.output, strict=True
+    ):
+        computed = np.reshape(predicted[hls_model.outputs.index(output.name)], values.shape)
+        error = np.abs(computed - values)
+        if name in SATURATING:
+            inside = np.abs(before) < 8
+            assert np.all(error[inside] <= TABLE_ERROR), name
+            assert np.ptp(computed[before > 8]) <= TABLE_ERROR, name  # one value beyond 8
+        elif name in ("leaky_relu_layer", "thresholded_relu_layer"):
+            assert np.all(error <= PIECEWISE_LINEAR_ERROR), name
+        else:
+            assert np.all(error <= TABLE_ERROR), name
 
 
 def test_hls4ml_cannot_read_hard_sigmoid(tmp_path):

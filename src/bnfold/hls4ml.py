@@ -136,7 +136,7 @@ def prepare_for_hls4ml(
         raise ValueError(
             f"fractional_bits must be an int from 0 to 32. Received: {fractional_bits!r}"
         )
-    model = _copy(onnx_model)
+    model = _explicit_alphas(_copy(onnx_model))
     model = _scalar_quant_parameters(_average_pools_as_convolutions(model, fractional_bits))
     float_tail = any(entry.key == "bnfold.float_tail" for entry in model.model.metadata_props)
     cleaned = _qonnx_preprocessing(model)
@@ -211,6 +211,25 @@ def _copy(onnx_model: OnnxModel) -> ModelWrapper:
             dims[0].dim_value = 1
     del copy.graph.value_info[:]
     return ModelWrapper(copy)
+
+
+# ONNX's default ``alpha`` of the activations hls4ml reads with an ``alpha`` parameter.
+_ONNX_DEFAULT_ALPHA = {"Elu": 1.0, "LeakyRelu": 0.01, "ThresholdedRelu": 1.0}
+
+
+def _explicit_alphas(model: ModelWrapper) -> ModelWrapper:
+    """Each Elu, LeakyRelu and ThresholdedRelu with its ``alpha`` written out.
+
+    tf2onnx leaves out an ``alpha`` equal to ONNX's default, and hls4ml 1.3.0 reads a
+    missing one as 0.01 for all three. Measured: a Keras ``elu`` then came out of hls4ml
+    with negative values 100 times too small.
+    """
+    for node in model.graph.node:
+        default = _ONNX_DEFAULT_ALPHA.get(node.op_type)
+        if node.domain == "" and default is not None:
+            if not any(attribute.name == "alpha" for attribute in node.attribute):
+                node.attribute.append(helper.make_attribute("alpha", default))
+    return model
 
 
 def _qonnx_preprocessing(model: ModelWrapper) -> ModelWrapper:

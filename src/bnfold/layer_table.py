@@ -97,6 +97,14 @@ class ActivationFunction:
 
 _MOVES = "yes"
 _SWISH = "yes (its sigmoid from a 1024-entry table: within abs(x)/256)"
+# hls4ml's tables span inputs in [-8, 8); measured after a QDense with outputs in [-20.5, 21.1].
+_SATURATING = "for inputs in [-8, 8) (its table stays at its value at 8 beyond: %g off at x = 21)"
+
+
+def _table(measured: float) -> str:
+    return f"yes (lookup table; measured within {measured:g})"
+
+
 _FLOAT_OP = "no (float op, left to software)"
 
 
@@ -319,9 +327,11 @@ ACTIVATION_FUNCTIONS: dict[str, ActivationFunction] = {
     for function in (
         ActivationFunction("linear", "(nothing)", "exact", "yes", "yes"),
         ActivationFunction("relu", "Relu", "exact", "yes", "yes"),
-        ActivationFunction("softmax", "Softmax", "float", "yes", _FLOAT_OP),
-        ActivationFunction("sigmoid", "Sigmoid", "float", "yes", _FLOAT_OP),
-        ActivationFunction("tanh", "Tanh", "float", "yes", _FLOAT_OP),
+        ActivationFunction(
+            "softmax", "Softmax", "float", "yes (lookup tables; see hls4ml below)", _FLOAT_OP
+        ),
+        ActivationFunction("sigmoid", "Sigmoid", "float", _table(0.0044), _FLOAT_OP),
+        ActivationFunction("tanh", "Tanh", "float", _table(0.0067), _FLOAT_OP),
         ActivationFunction(
             "hard_sigmoid",
             "Mul, Add, Min, Max",
@@ -329,10 +339,10 @@ ACTIVATION_FUNCTIONS: dict[str, ActivationFunction] = {
             "no (Min and Max with a constant fail in its precision inference)",
             _FLOAT_OP,
         ),
-        ActivationFunction("softplus", "Softplus", "float", "yes", _FLOAT_OP),
-        ActivationFunction("softsign", "Softsign", "float", "yes", _FLOAT_OP),
-        ActivationFunction("elu", "Elu", "float", "yes", _FLOAT_OP),
-        ActivationFunction("selu", "Selu", "float", "yes", _FLOAT_OP),
+        ActivationFunction("softplus", "Softplus", "float", _SATURATING % 13, _FLOAT_OP),
+        ActivationFunction("softsign", "Softsign", "float", _SATURATING % 0.066, _FLOAT_OP),
+        ActivationFunction("elu", "Elu", "float", _table(0.0039), _FLOAT_OP),
+        ActivationFunction("selu", "Selu", "float", _table(0.0076), _FLOAT_OP),
         ActivationFunction("swish", "Mul, Sigmoid, Mul", "float", _SWISH, _FLOAT_OP),
         ActivationFunction("silu", "Mul, Sigmoid, Mul", "float", _SWISH, _FLOAT_OP),
         ActivationFunction("exponential", "Exp", "float", _no_handler("Exp"), _FLOAT_OP),
