@@ -471,6 +471,7 @@ class _Ranges:
 
     def __init__(self, model: ModelWrapper) -> None:
         self.model = model
+        self.producers = {output: node for node in model.graph.node for output in node.output}
         self.ranges: dict[str, Range] = {}
         self.exact: set[str] = set()
         for node in model.graph.node:
@@ -480,7 +481,7 @@ class _Ranges:
         """A constant's values, read through a Quant node of constant input (weights)."""
         values = self.model.get_initializer(tensor)
         if values is None:
-            producer = self.model.find_producer(tensor)
+            producer = self.producers.get(tensor)
             if producer is not None and producer.op_type == "Quant":
                 values = self.model.get_initializer(producer.input[0])
         return None if values is None else np.asarray(values, dtype=np.float64)
