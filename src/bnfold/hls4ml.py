@@ -538,6 +538,8 @@ class _Ranges:
             return _multiply_accumulate(inputs[0], weights, bias, 0 if op == "MatMul" else None)
         if op == "BatchNormalization":
             scale, offset, mean, variance = (self.constant(name) for name in node.input[1:5])
+            if scale is None or offset is None or mean is None or variance is None:
+                return None
             factor = scale / np.sqrt(variance + attributes.get("epsilon", 1e-5))
             low, high = inputs[0]
             ends = np.stack([factor * low, factor * high]) + (offset - mean * factor)
