@@ -138,3 +138,35 @@ def test_help_answers_without_importing_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "--input-quantizer" in result.stdout
+
+
+def test_table_names_what_activation_and_normalization_layers_compute(tmp_path, capsys):
+    """Float activation layers and batch normalizations name their function in the
+    activation column, settings that differ from Keras's defaults included."""
+    from bnfold.keras import keras, qkeras
+
+    inputs = keras.Input((8,), name="features")
+    x = qkeras.QDense(6, kernel_quantizer=builders.KERNEL, bias_quantizer=builders.BIAS)(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.LeakyReLU(0.25, name="leaky")(x)
+    x = qkeras.QBatchNormalization(name="qbn")(x)
+    x = keras.layers.ReLU(max_value=2.0, name="capped")(x)
+    x = keras.layers.Activation("softmax", name="probabilities")(x)
+    model_file, report = tmp_path / "float_parts.h5", tmp_path / "report.json"
+    builders._randomized(keras.Model(inputs, x)).save(model_file)
+    arguments = [str(model_file), "-o", str(tmp_path / "out.onnx"), "--report", str(report)]
+    assert main([*arguments, "--input-quantizer", builders.INPUT_QUANTIZER, "--no-verify"]) == 0
+    printed = capsys.readouterr().out
+    activations = {
+        row["layer"]: row["activation"] for row in json.loads(report.read_text())["layers"]
+    }
+    assert activations["bn"] == "batchnorm"
+    assert activations["leaky"] == "leaky_relu(alpha=0.25)"
+    assert activations["qbn"].startswith(
+        "batchnorm, quantized gamma=quantized_relu_po2(6,2048), beta="
+    )
+    assert activations["capped"] == "relu(max_value=2)"
+    assert activations["probabilities"] == "softmax"
+    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
+    assert rows["probabilities"] == ["Activation", "-", "-", "softmax", "-"]
+    assert rows["bn"] == ["BatchNormalization", "-", "-", "batchnorm", "-"]

@@ -80,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
         help="also write an hls4ml configuration with bnfold's types, YAML for a .yml/.yaml "
         "PATH, JSON otherwise; implies --no-per-channel-scales (see bnfold.hls4ml)",
     )
+    parser.add_argument(
+        "--hls4ml-fractional-bits",
+        type=int,
+        choices=range(33),
+        metavar="N",
+        help="with --hls4ml-config: fractional bits of the types of values computed in float "
+        "(their integer bits hold their range), 0 to 32; default "
+        "bnfold.hls4ml.FLOAT_FRACTIONAL_BITS, 16",
+    )
     add_loading_options(parser)
     parser.add_argument(
         "--debug", action="store_true", help="show TensorFlow's logs and full tracebacks"
@@ -212,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.hls4ml_config:
             from bnfold.hls4ml import hls4ml_config
 
-            _write_hls4ml_config(args.hls4ml_config, hls4ml_config(exported))
+            bits = args.hls4ml_fractional_bits
+            options = {} if bits is None else {"fractional_bits": bits}
+            _write_hls4ml_config(args.hls4ml_config, hls4ml_config(exported, **options))
     except Exception as error:  # whatever it is, one line (the traceback with --debug)
         return report_failure(error, model=args.model, debug=args.debug)
     print(_layer_table(layers))
