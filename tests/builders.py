@@ -658,3 +658,17 @@ def by_name(name: str) -> tuple[keras.Model, list[str]]:
         raise ValueError(f"No test model is called {name!r}")
     model = function()
     return model, [INPUT_QUANTIZER] * len(model.inputs)
+
+
+def upsampling_2d(interpolation: str = "nearest") -> keras.Model:
+    """One UpSampling2D between two convolutions, to see what FINN makes of it alone."""
+    image = keras.Input((4, 4, 2), name="image")
+    x = _qconv2d(3, 3, "before", "quantized_relu(4,1)")(image)
+    x = keras.layers.UpSampling2D(2, interpolation=interpolation, name="up")(x)
+    x = _qconv2d(2, 3, "after", "quantized_relu(6,2)")(x)
+    return _spread_weights(keras.Model(image, x, name=f"upsampling_2d_{interpolation}"))
+
+
+def upsampling_2d_bilinear() -> keras.Model:
+    """``upsampling_2d`` with bilinear interpolation."""
+    return upsampling_2d("bilinear")
