@@ -150,7 +150,12 @@ def _float(
     )
 
 
-_FINN_UNMEASURED = "not measured (FINN does not run here)"
+# What FINN's build steps made of these layers in the test models (README, FINN section).
+_FINN_SEQUENCE = (
+    "no (in sequence_decoder, FINN's step_qonnx_to_finn leaves tensors without shapes, so the "
+    "model no longer executes, and step_convert_to_hw stops: IndexError)"
+)
+_FINN_SOFTWARE = "no ({} stays in software at step_convert_to_hw{})"
 _PAD_1D = "no (hls4ml 1.3.0 mis-shapes a 1-D Pad: the next Reshape's shapes differ)"
 
 
@@ -329,7 +334,7 @@ LAYERS: dict[str, LayerSpec] = {
             "Split, Concat",
             "exact",
             _no_handler("Split"),
-            _FINN_UNMEASURED,
+            _FINN_SEQUENCE,
             type_rule=typerules.upsampling,
         ),
         LayerSpec(
@@ -338,7 +343,10 @@ LAYERS: dict[str, LayerSpec] = {
             "Resize (nearest, linear or cubic)",
             "exact; bilinear: exact over power-of-two factors; bicubic, area: float",
             "no (hls4ml 1.3.0 fails on the empty roi input of tf2onnx's Resize)",
-            _FINN_UNMEASURED,
+            _FINN_SOFTWARE.format(
+                "Resize",
+                "; with --round-half-even one step off: bnfold.finn follows no grid through it",
+            ),
             type_rule=typerules.upsampling,
         ),
         _plain(
@@ -346,20 +354,20 @@ LAYERS: dict[str, LayerSpec] = {
             typerules.same,
             "Unsqueeze, Tile",
             _no_handler("Unsqueeze"),
-            _FINN_UNMEASURED,
+            _FINN_SEQUENCE,
         ),
         _plain("Add", typerules.add, "Add"),
-        _plain("Subtract", typerules.subtract, "Sub", finn=_FINN_UNMEASURED),
-        _plain("Multiply", typerules.multiply, "Mul", finn=_FINN_UNMEASURED),
-        _plain("Maximum", typerules.union, "Max", finn=_FINN_UNMEASURED),
-        _plain("Minimum", typerules.union, "Min", finn=_FINN_UNMEASURED),
+        _plain("Subtract", typerules.subtract, "Sub", finn="yes (ElementwiseSub)"),
+        _plain("Multiply", typerules.multiply, "Mul", finn="yes (ElementwiseMul)"),
+        _plain("Maximum", typerules.union, "Max", finn="yes (ElementwiseMax)"),
+        _plain("Minimum", typerules.union, "Min", finn=_FINN_SOFTWARE.format("Min", "")),
         LayerSpec(
             "Average",
             "copy",
             "Add, Mul",
             "exact over a power-of-two number of inputs, else float",
             "no (hls4ml 1.3.0 fails making the Mul by 1/n an ApplyAlpha: its bias type)",
-            _FINN_UNMEASURED,
+            "yes over a power-of-two number of inputs (ElementwiseAdd, ElementwiseMul)",
             type_rule=typerules.average,
         ),
         _plain(
