@@ -1,13 +1,14 @@
 """Every Keras layer class bnfold handles, one entry each, and everything bnfold does with it.
 
-An entry says how the type of the layer's output follows from its inputs (a
-rule of ``bnfold.typerules``; a MAC layer is typed from its weights instead),
-where a MAC layer keeps its kernel, how the strip stage exports the layer, the
-ONNX ops it becomes, whether the export computes it exactly, and what hls4ml's
-ONNX front end and FINN read of it. The README's table of supported layers is
-checked against this one by a test. Adding a layer class is one entry here and
-its test. Folded layers stay in ``bnfold.folding.FOLDED_LAYER_TYPES``, the one
-place for them; their entries here are derived from it.
+An entry says how the type of the layer's output follows from its inputs (a rule
+of ``bnfold.typerules``; a MAC layer is typed from its weights instead), where a
+MAC layer keeps its kernels (a separable convolution has two), how the strip
+stage exports the layer, the ONNX ops it becomes, whether the export computes it
+exactly, and what hls4ml's ONNX front end and FINN read of it. The README's
+table of supported layers is checked against this one by a test. Adding a layer
+class is one entry here and its test. Folded layers stay in
+``bnfold.folding.FOLDED_LAYER_TYPES``, the one place for them; their entries
+here are derived from it.
 
 Export kinds (``LayerSpec.export``), one method each in the strip stage:
 
@@ -33,23 +34,36 @@ from bnfold.keras import keras
 
 
 @dataclass(frozen=True)
-class MacLayerType:
-    """Where a MAC layer keeps its kernel and kernel quantizer.
+class Kernel:
+    """One kernel of a MAC layer.
 
     Attributes:
-        kernel: attribute name of the kernel variable.
-        kernel_quantizer: attribute holding the kernel quantizer object, None for
-            plain Keras layers.
+        attribute: attribute name of the kernel variable.
+        quantizer: attribute holding its quantizer object, None for plain Keras layers.
         output_channel_axes: trailing kernel axes that index output channels; the
             other axes are summed over, so their sizes multiply to the number of
             products summed per output.
+    """
+
+    attribute: str
+    quantizer: str | None
+    output_channel_axes: int = 1
+
+
+@dataclass(frozen=True)
+class MacLayerType:
+    """Where a MAC layer keeps its kernels and kernel quantizers.
+
+    Attributes:
+        kernels: the kernels in the order the layer applies them; each multiplies
+            the unrounded sums of the one before (a separable convolution: the
+            depthwise, then the pointwise kernel). The bias and activation follow
+            the last one.
         float_class: the plain Keras class the strip stage rebuilds it as.
     """
 
-    kernel: str
-    kernel_quantizer: str | None
-    output_channel_axes: int = 1
-    float_class: str = ""
+    kernels: tuple[Kernel, ...]
+    float_class: str
 
 
 @dataclass(frozen=True)
@@ -66,7 +80,7 @@ class LayerSpec:
         finn: what FINN (through QONNX) makes of them.
         type_rule: the output type from the input types; None for MAC layers,
             which are typed from their weights.
-        mac: where a MAC layer keeps its kernel; None for other layers.
+        mac: where a MAC layer keeps its kernels; None for other layers.
     """
 
     name: str
@@ -95,12 +109,24 @@ _UNTESTED = "every op has a handler; untested"
 _FLOAT_OP = "no (float op, left to software)"
 
 
+# A MAC layer's kernels, by kind: the kernel attribute and its quantizer's name
+# (QKeras keeps the quantizer object in "<name>_internal"), and output-channel axes.
+_KERNELS = {
+    "Separable": (
+        ("depthwise_kernel", "depthwise_quantizer", 2),
+        ("pointwise_kernel", "pointwise_quantizer", 1),
+    ),
+    "Depthwise": (("depthwise_kernel", "depthwise_quantizer", 2),),
+    "": (("kernel", "kernel_quantizer", 1),),
+}
+
+
 def _mac(name: str, float_class: str, quantized: bool, onnx: str, hls4ml: str) -> LayerSpec:
-    depthwise = "Depthwise" in name
-    kernel = "depthwise_kernel" if depthwise else "kernel"
-    quantizer = None
-    if quantized:
-        quantizer = "depthwise_quantizer_internal" if depthwise else "kernel_quantizer_internal"
+    kind = next(kind for kind in _KERNELS if kind in name)
+    kernels = tuple(
+        Kernel(attribute, f"{quantizer}_internal" if quantized else None, axes)
+        for attribute, quantizer, axes in _KERNELS[kind]
+    )
     return LayerSpec(
         name,
         "mac",
@@ -108,7 +134,7 @@ def _mac(name: str, float_class: str, quantized: bool, onnx: str, hls4ml: str) -
         "exact" if quantized else "exact if its weights and input are fixed point",
         hls4ml,
         "yes" if quantized else _FLOAT_OP,
-        mac=MacLayerType(kernel, quantizer, 2 if depthwise else 1, float_class),
+        mac=MacLayerType(kernels, float_class),
     )
 
 
@@ -127,6 +153,10 @@ def _float(name: str, onnx: str, hls4ml: str, export: str = "copy") -> LayerSpec
 
 
 _NO_CONV1D = "no (hls4ml 1.3.0 reads no 1-D Conv from ONNX)"
+# A separable convolution is a depthwise, then a pointwise convolution.
+_SEPARABLE = "Conv (group) + Conv (1x1)"
+_SEPARABLE_1D = "Conv (group) + Conv (1-D, the second 1-wide)"
+_SEPARABLE_HLS4ML = "yes, depth_multiplier 1"
 _AVERAGE = "yes, as a depthwise Conv, when the window is a power of two and unpadded"
 _BATCHNORM = (
     "BatchNormalization (4-D); Mul + Add (2-D)",
@@ -143,12 +173,17 @@ LAYERS: dict[str, LayerSpec] = {
             "QDepthwiseConv2D", "DepthwiseConv2D", True, "Conv (group)", "yes, depth_multiplier 1"
         ),
         _mac("QDense", "Dense", True, "MatMul + Add", "yes"),
+        _mac("QSeparableConv1D", "SeparableConv1D", True, _SEPARABLE_1D, _NO_CONV1D),
+        _mac("QSeparableConv2D", "SeparableConv2D", True, _SEPARABLE, _SEPARABLE_HLS4ML),
         _mac("Conv1D", "Conv1D", False, "Conv", _NO_CONV1D),
         _mac("Conv2D", "Conv2D", False, "Conv", "yes"),
         _mac(
             "DepthwiseConv2D", "DepthwiseConv2D", False, "Conv (group)", "yes, depth_multiplier 1"
         ),
         _mac("Dense", "Dense", False, "MatMul + Add", "yes"),
+        _mac("SeparableConv1D", "SeparableConv1D", False, _SEPARABLE_1D, _NO_CONV1D),
+        _mac("SeparableConv2D", "SeparableConv2D", False, _SEPARABLE, _SEPARABLE_HLS4ML),
+        _mac("DepthwiseConv1D", "DepthwiseConv1D", False, "Conv (group)", _NO_CONV1D),
         *(
             LayerSpec(
                 entry.folded,
@@ -158,9 +193,13 @@ LAYERS: dict[str, LayerSpec] = {
                 "yes",
                 "yes",
                 mac=MacLayerType(
-                    entry.kernel,
-                    f"{entry.kernel_quantizer}_internal",
-                    entry.output_channel_axes,
+                    (
+                        Kernel(
+                            entry.kernel,
+                            f"{entry.kernel_quantizer}_internal",
+                            entry.output_channel_axes,
+                        ),
+                    ),
                     entry.plain.__name__.removeprefix("Q"),
                 ),
             )
