@@ -16,6 +16,9 @@ Export kinds (``LayerSpec.export``), one method each in the strip stage:
   markers; its kernel and bias quantizers become Quant nodes.
 - ``"quantizer"``: the layer's quantizer becomes a Quant node.
 - ``"copy"``: rebuilt from its config with its weights; tf2onnx converts it.
+- ``"average"``: a QKeras average pooling layer: the float pooling layer, the
+  multiplications by the count and the quantized reciprocal that QKeras does
+  with an ``average_quantizer``, and the activation's Quant.
 - ``"batchnorm"``: a Keras BatchNormalization holding the weights the layer
   computes with (QBatchNormalization: after its quantizers).
 - ``"unfolded"``: the unfold stage replaces it before the strip stage runs.
@@ -287,6 +290,29 @@ LAYERS: dict[str, LayerSpec] = {
                     "ReduceMean or GlobalAveragePool",
                     typerules.global_average_pooling,
                     _AVERAGE,
+                ),
+            )
+        ),
+        *(
+            LayerSpec(
+                name,
+                "average",
+                f"{onnx}; with average_quantizer then Mul (count), Mul (quantized 1/count)",
+                "exact over a power-of-two count, else float",
+                hls4ml,
+                "untested",
+                type_rule=typerules.quantized_average_pooling,
+            )
+            for name, onnx, hls4ml in (
+                (
+                    "QAveragePooling2D",
+                    "AveragePool",
+                    "no (its C simulation differs with average_quantizer; measured on 2x2)",
+                ),
+                (
+                    "QGlobalAveragePooling2D",
+                    "ReduceMean or GlobalAveragePool",
+                    "yes over a power-of-two count",
                 ),
             )
         ),

@@ -37,7 +37,7 @@ from bnfold.graph import iter_layers, propagate
 from bnfold.keras import keras, tf
 from bnfold.layer_table import layer_spec, mac_layer_type
 from bnfold.mac import QuantizedWeights
-from bnfold.typerules import Untyped
+from bnfold.typerules import Untyped, pooled_area
 
 POINT_PREFIX = "bnfold:"
 # First marker's bit pattern: 2**64, a value no real weight or constant has; markers
@@ -338,6 +338,26 @@ class _Stripper:
     def _copy(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
         return self._rebuilt(layer, tensors, path, type(layer), layer.get_config(), layer.weights)
 
+    def _average(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
+        """QAveragePooling2D, QGlobalAveragePooling2D, computed as QKeras computes them.
+
+        The float mean; with an ``average_quantizer``, times the count, then times
+        the quantized reciprocal of the count: two multiplications, each rounded in
+        float32 as in QKeras, kept apart by a barrier. Then the activation.
+        """
+        float_class = getattr(keras.layers, type(layer).__name__.removeprefix("Q"))
+        accepted = constructor_arguments(float_class) - {"name"}
+        config = {key: value for key, value in layer.get_config().items() if key in accepted}
+        tensor = self._rebuilt(layer, tensors, path, float_class, config, [])
+        quantizer = layer.average_quantizer_internal
+        if quantizer is not None:
+            area = np.float32(pooled_area(layer))
+            reciprocal = np.float32(quantizer(np.float32(1.0) / area))
+            tensor = _scaled(tensor, area, self._scope(path))
+            tensor = self.point(tensor, path, "barrier", None, False)
+            tensor = _scaled(tensor, reciprocal, self._scope(path))
+        return self._activation(layer.activation, tensor, path, record)
+
     def _batchnorm(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
         """A BatchNormalization with the weights ``layer`` computes with at inference.
 
@@ -430,7 +450,7 @@ class _Stripper:
     def _activation(self, activation: Any, tensor: Any, path: str, record: LayerRecord) -> Any:
         """A MAC layer's activation: a QKeras quantizer is a Quant, a function its own layer."""
         name = getattr(activation, "__name__", None)
-        if name == "linear":
+        if activation is None or name == "linear":
             return tensor
         if type(activation).__module__.startswith("qkeras"):
             quant, relu = _activation_quant(activation, path)
@@ -440,6 +460,11 @@ class _Stripper:
         if record.accumulator is not None and name != "relu" and not any(self.after_float[path]):
             tensor = self.point(tensor, path, "probe", None, False, -1)
         return keras.layers.Activation(activation, name=self._scope(path))(tensor)
+
+
+def _scaled(tensor: Any, factor: np.float32, name: str) -> Any:
+    """``tensor * factor`` in float32: one ONNX Mul by a constant."""
+    return keras.layers.Lambda(lambda values: values * factor, name=name)(tensor)
 
 
 def _stages(last: Any) -> list[Any]:
