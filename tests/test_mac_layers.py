@@ -109,7 +109,32 @@ def depth_multipliers() -> keras.Model:
     return model
 
 
-BUILDERS = {"separable_2d": separable_2d, "separable_1d": separable_1d, "dw": depth_multipliers}
+def transposed() -> keras.Model:
+    """Conv2DTranspose, strided, and with same padding.
+
+    QKeras 0.9.0's QConv2DTranspose fails when called on TensorFlow 2.21
+    (``array_ops.stack`` is gone): there is no QKeras reference to export.
+    """
+    inputs = keras.Input((5, 5, 3), name="image")
+    x = qkeras.QActivation("quantized_bits(6,2,1)", name="image_q")(inputs)
+    x = keras.layers.Conv2DTranspose(4, 3, strides=2, name="up")(x)
+    x = qkeras.QActivation("quantized_relu(8,4)", name="up_q")(x)
+    x = keras.layers.Conv2DTranspose(2, 2, padding="same", name="up_plain")(x)
+    return _on_grid(keras.Model(inputs, x, name="transposed"))
+
+
+def test_qkeras_qconv2dtranspose_cannot_run_on_tensorflow_2_21():
+    inputs = keras.Input((4, 4, 2))
+    with pytest.raises(AttributeError, match="stack"):
+        qkeras.QConv2DTranspose(2, 3, kernel_quantizer="quantized_bits(4,0,1)")(inputs)
+
+
+BUILDERS = {
+    "separable_2d": separable_2d,
+    "separable_1d": separable_1d,
+    "dw": depth_multipliers,
+    "transposed": transposed,
+}
 
 
 @pytest.fixture(scope="module")

@@ -43,14 +43,14 @@ class Kernel:
     Attributes:
         attribute: attribute name of the kernel variable.
         quantizer: attribute holding its quantizer object, None for plain Keras layers.
-        output_channel_axes: trailing kernel axes that index output channels; the
+        output_axes: the kernel axes (negative) that index output channels; the
             other axes are summed over, so their sizes multiply to the number of
-            products summed per output.
+            products summed per output (at most, for a transposed convolution).
     """
 
     attribute: str
     quantizer: str | None
-    output_channel_axes: int = 1
+    output_axes: tuple[int, ...] = (-1,)
 
 
 @dataclass(frozen=True)
@@ -116,11 +116,13 @@ _FLOAT_OP = "no (float op, left to software)"
 # (QKeras keeps the quantizer object in "<name>_internal"), and output-channel axes.
 _KERNELS = {
     "Separable": (
-        ("depthwise_kernel", "depthwise_quantizer", 2),
-        ("pointwise_kernel", "pointwise_quantizer", 1),
+        ("depthwise_kernel", "depthwise_quantizer", (-2, -1)),
+        ("pointwise_kernel", "pointwise_quantizer", (-1,)),
     ),
-    "Depthwise": (("depthwise_kernel", "depthwise_quantizer", 2),),
-    "": (("kernel", "kernel_quantizer", 1),),
+    "Depthwise": (("depthwise_kernel", "depthwise_quantizer", (-2, -1)),),
+    # A transposed convolution's kernel is (height, width, filters, input channels).
+    "Transpose": (("kernel", "kernel_quantizer", (-2,)),),
+    "": (("kernel", "kernel_quantizer", (-1,)),),
 }
 
 
@@ -160,6 +162,7 @@ _NO_CONV1D = "no (hls4ml 1.3.0 reads no 1-D Conv from ONNX)"
 _SEPARABLE = "Conv (group) + Conv (1x1)"
 _SEPARABLE_1D = "Conv (group) + Conv (1-D, the second 1-wide)"
 _SEPARABLE_HLS4ML = "yes, depth_multiplier 1"
+_NO_TRANSPOSE = "no (hls4ml 1.3.0 reads no transposed convolution, from ONNX or Keras)"
 _AVERAGE = "yes, as a depthwise Conv, when the window is a power of two and unpadded"
 _BATCHNORM = (
     "BatchNormalization (4-D); Mul + Add (2-D)",
@@ -187,6 +190,9 @@ LAYERS: dict[str, LayerSpec] = {
         _mac("SeparableConv1D", "SeparableConv1D", False, _SEPARABLE_1D, _NO_CONV1D),
         _mac("SeparableConv2D", "SeparableConv2D", False, _SEPARABLE, _SEPARABLE_HLS4ML),
         _mac("DepthwiseConv1D", "DepthwiseConv1D", False, "Conv (group)", _NO_CONV1D),
+        # QKeras 0.9.0's QConv2DTranspose fails when called on TensorFlow 2.21
+        # (array_ops.stack is gone), so a model with it has no QKeras reference.
+        _mac("Conv2DTranspose", "Conv2DTranspose", False, "ConvTranspose", _NO_TRANSPOSE),
         *(
             LayerSpec(
                 entry.folded,
@@ -200,7 +206,7 @@ LAYERS: dict[str, LayerSpec] = {
                         Kernel(
                             entry.kernel,
                             f"{entry.kernel_quantizer}_internal",
-                            entry.output_channel_axes,
+                            tuple(range(-entry.output_channel_axes, 0)),
                         ),
                     ),
                     entry.plain.__name__.removeprefix("Q"),

@@ -40,7 +40,7 @@ class QuantizedWeights:
         bias: bias values after folding and quantization; None without a bias.
         bias_type: fixed-point type of ``bias``, or None if it is float or absent.
             (A float bias is what populate_bias_quantizer_from_accumulator fills.)
-        output_channel_axes: trailing kernel axes that index outputs; the others
+        output_axes: the kernel axes (negative) that index outputs; the others
             are summed over.
         before: the MAC whose unrounded sums this one multiplies (a separable
             convolution's depthwise stage, without bias), or None.
@@ -51,13 +51,14 @@ class QuantizedWeights:
     kernel_scale: np.ndarray | None
     bias: np.ndarray | None
     bias_type: FixedPoint | None
-    output_channel_axes: int
+    output_axes: tuple[int, ...]
     before: QuantizedWeights | None = None
 
     @property
     def summed_axes(self) -> tuple[int, ...]:
         """The kernel axes a MAC sums over for one output."""
-        return tuple(range(self.kernel.ndim - self.output_channel_axes))
+        rank = self.kernel.ndim
+        return tuple(axis for axis in range(rank) if axis - rank not in self.output_axes)
 
     @property
     def products(self) -> int:
@@ -173,7 +174,7 @@ def quantized_weights(layer: Any) -> QuantizedWeights:
             *_quantized_kernel(layer, kernel, values),
             None,
             None,
-            kernel.output_channel_axes,
+            kernel.output_axes,
             weights,
         )
     bias_quantizer = getattr(layer, "bias_quantizer_internal", None)

@@ -40,7 +40,7 @@ from bnfold.export.strip import (
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_OPSET = 1
-_MAC_OPS = ("Conv", "MatMul", "Gemm")
+_MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _SCOPE = re.compile(r"(?:^|/)(bnfold_\d+)(?:/|$)")
 
 
