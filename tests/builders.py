@@ -426,3 +426,123 @@ FLOAT_TAIL_BUILDERS = {
     "qbatchnorm_mlp": qbatchnorm_mlp,
     "softmax_classifier": softmax_classifier,
 }
+
+
+# Layers that move, repeat or merge values, in shapes QKeras users build.
+
+SMALL_KERNEL = "quantized_bits(4,0,1,alpha=1)"
+WIDE_BIAS = "quantized_bits(10,4,1)"
+
+
+def _spread_weights(model: keras.Model) -> keras.Model:
+    """Every kernel and bias spread over its quantizer's range (the initial ones are tame)."""
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        for variable in layer.trainable_weights:
+            variable.assign(rng.normal(0, 0.6, variable.shape).astype(np.float32))
+    return model
+
+
+def _qconv2d(
+    filters: int, kernel: int, name: str, activation: str, **settings
+) -> keras.layers.Layer:
+    return q.QConv2D(
+        filters,
+        kernel,
+        padding="same",
+        kernel_quantizer=SMALL_KERNEL,
+        bias_quantizer=WIDE_BIAS,
+        activation=activation,
+        name=name,
+        **settings,
+    )
+
+
+def _qdense(units: int, name: str, activation: str | None = None) -> keras.layers.Layer:
+    return q.QDense(
+        units,
+        kernel_quantizer=SMALL_KERNEL,
+        bias_quantizer=WIDE_BIAS,
+        activation=activation,
+        name=name,
+    )
+
+
+def unet_decoder() -> keras.Model:
+    """A U-Net-like encoder-decoder: pool down, upsample (nearest and bilinear), concatenate
+    the skip connection, crop and pad back, permute to channels-first for the head."""
+    image = keras.Input((8, 8, 2), name="image")
+    skip = _qconv2d(4, 3, "enc", "quantized_relu(4,1)")(image)
+    x = keras.layers.MaxPooling2D(2, name="down")(skip)
+    x = _qconv2d(4, 3, "mid", "quantized_relu(5,2)")(x)
+    nearest = keras.layers.UpSampling2D(2, name="up_nearest")(x)
+    bilinear = keras.layers.UpSampling2D((2, 4), interpolation="bilinear", name="up_bilinear")(x)
+    x = keras.layers.Concatenate(name="merge_skip")([nearest, skip])
+    x = _qconv2d(4, 3, "dec", "quantized_relu(4,2)")(x)
+    x = keras.layers.Cropping2D(((1, 0), (2, 1)), name="crop")(x)
+    x = keras.layers.ZeroPadding2D(((0, 1), (1, 2)), name="pad")(x)
+    x = keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
+    head = _qdense(3, "head")(keras.layers.Flatten(name="flat")(x))
+    side = _qconv2d(2, 1, "side", "quantized_relu(6,2)")(bilinear)
+    outputs = [head, keras.layers.Flatten(name="side_flat")(side)]
+    return _spread_weights(keras.Model(image, outputs, name="unet_decoder"))
+
+
+def sequence_decoder() -> keras.Model:
+    """1-D: a convolution, upsampled, cropped and padded; a code repeated over time."""
+    sequence = keras.Input((8, 3), name="sequence")
+    x = q.QConv1D(
+        4,
+        3,
+        kernel_quantizer=SMALL_KERNEL,
+        bias_quantizer=WIDE_BIAS,
+        activation="quantized_relu(4,1)",
+        name="conv",
+    )(sequence)
+    x = keras.layers.UpSampling1D(2, name="up")(x)
+    x = keras.layers.Cropping1D((1, 2), name="crop")(x)
+    x = keras.layers.ZeroPadding1D((2, 1), name="pad")(x)
+    code = _qdense(5, "code", "quantized_bits(5,1,1)")(keras.layers.Flatten(name="flat")(x))
+    x = keras.layers.RepeatVector(3, name="repeat")(code)
+    x = q.QConv1D(2, 2, kernel_quantizer=SMALL_KERNEL, bias_quantizer=WIDE_BIAS, name="decode")(x)
+    outputs = keras.layers.Flatten(name="out")(x)
+    return _spread_weights(keras.Model(sequence, outputs, name="sequence_decoder"))
+
+
+def merge_block() -> keras.Model:
+    """A residual block with Subtract, an attention-like Multiply gate, Maximum and Minimum
+    of two branches, an Add of three and a Concatenate (every merge hls4ml reads), then a
+    Permute."""
+    features = keras.Input((8,), name="features")
+    context = keras.Input((8,), name="context")
+    x = _qdense(6, "x", "quantized_bits(6,2,1)")(features)
+    y = _qdense(6, "y", "quantized_relu(4,1)")(context)
+    gate = _qdense(6, "gate", "quantized_relu(4,0)")(context)
+    residual = keras.layers.Subtract(name="residual")([x, y])
+    gated = keras.layers.Multiply(name="gated")([residual, gate])
+    upper = keras.layers.Maximum(name="upper")([x, y])
+    lower = keras.layers.Minimum(name="lower")([x, gated])
+    total = keras.layers.Add(name="total")([upper, lower, gate])
+    merged = keras.layers.Concatenate(name="merged")([total, gated])
+    grid = keras.layers.Reshape((3, 4), name="grid")(merged)
+    transposed = keras.layers.Permute((2, 1), name="transposed")(grid)
+    outputs = _qdense(4, "head")(keras.layers.Flatten(name="flat")(transposed))
+    return _spread_weights(keras.Model([features, context], outputs, name="merge_block"))
+
+
+def averages() -> keras.Model:
+    """Average of two and of four (fixed point) and of three (float) branches; a
+    Concatenate of three."""
+    inputs = keras.Input((8,), name="inputs")
+    quantizers = ("quantized_bits(6,2,1)", "quantized_relu(4,1)", "quantized_bits(5,0,1)")
+    branches = [
+        _qdense(4, f"branch{index}", quantizer)(inputs)
+        for index, quantizer in enumerate((*quantizers, "quantized_relu(3,2)"))
+    ]
+    two = keras.layers.Average(name="mean2")(branches[:2])
+    four = keras.layers.Average(name="mean4")(branches)
+    three = keras.layers.Average(name="mean3")(branches[:3])
+    joined = keras.layers.Concatenate(name="joined")(branches[1:])
+    heads = [_qdense(3, f"head{n}")(x) for n, x in ((2, two), (4, four), (3, three))]
+    outputs = [*heads, _qdense(3, "head_joined")(joined)]
+    return _spread_weights(keras.Model(inputs, outputs, name="averages"))

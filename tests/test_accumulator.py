@@ -242,9 +242,9 @@ def test_populate_leaves_a_float_fed_folded_layer_unfilled_with_a_warning():
 
 def test_unsupported_layer_is_named_before_any_type_inference():
     inputs = keras.Input((4,))
-    x = keras.layers.Maximum(name="biggest")([inputs, inputs])
+    x = keras.layers.Dot(axes=1, name="dot")([inputs, inputs])
     x = qkeras.QDense(3, kernel_quantizer="quantized_bits(4,0,1)", name="after")(x)
-    with pytest.raises(UnsupportedLayerError, match=r"'biggest' of class Maximum. Supported: "):
+    with pytest.raises(UnsupportedLayerError, match=r"'dot' of class Dot. Supported: "):
         accumulator_types(keras.Model(inputs, x))
 
 

@@ -232,7 +232,7 @@ def test_gelu_is_refused_naming_the_layer():
 
 def test_unsupported_merge_is_named_as_such_not_as_a_type_error():
     inputs = keras.Input((8,))
-    x = keras.layers.Maximum(name="biggest")([_dense()(inputs), _dense()(inputs)])
+    x = keras.layers.Dot(axes=1, name="dot")([_dense()(inputs), _dense()(inputs)])
     model = keras.Model(inputs, _dense()(x))
-    with pytest.raises(UnsupportedLayerError, match=r"'biggest' of class Maximum"):
+    with pytest.raises(UnsupportedLayerError, match=r"'dot' of class Dot"):
         bnfold.export_onnx(model, source_quantizers=[SOURCE])

@@ -286,15 +286,11 @@ def test_cli_writes_the_config_of_the_onnx_it_writes(folded_models, tmp_path, ca
 # ------------------------------------------------------------------------ float tails
 
 
-def _hls4ml_predictions(model, skip_softmax, directory, samples=32):
-    """``model`` exported, through hls4ml (compiled), its predictions and the QKeras logits."""
+def compiled_hls4ml(onnx_model, directory, **options):
+    """``prepare_for_hls4ml`` (with ``options``), then hls4ml's conversion, compiled."""
     import hls4ml
 
-    sources = [builders.INPUT_QUANTIZER]
-    onnx_model = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
-    bnfold.populate_bias_quantizer_from_accumulator(model, sources)
-    inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], samples)
-    cleaned, config = prepare_for_hls4ml(onnx_model, skip_softmax=skip_softmax)
+    cleaned, config = prepare_for_hls4ml(onnx_model, **options)
     hls_model = hls4ml.converters.convert_from_onnx_model(
         cleaned,
         output_dir=str(directory / "hls4ml_prj"),
@@ -303,6 +299,16 @@ def _hls4ml_predictions(model, skip_softmax, directory, samples=32):
         hls_config=copy.deepcopy(config),
     )
     hls_model.compile()
+    return hls_model
+
+
+def _hls4ml_predictions(model, skip_softmax, directory, samples=32):
+    """``model`` exported, through hls4ml (compiled), its predictions and the QKeras logits."""
+    sources = [builders.INPUT_QUANTIZER]
+    onnx_model = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
+    bnfold.populate_bias_quantizer_from_accumulator(model, sources)
+    inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], samples)
+    hls_model = compiled_hls4ml(onnx_model, directory, skip_softmax=skip_softmax)
     predicted = hls_model.predict(np.ascontiguousarray(inputs[0]))
     expected = model.predict(inputs, verbose=0)
     logits = keras.Model(model.input, model.layers[-2].output).predict(inputs, verbose=0)
@@ -351,6 +357,19 @@ def test_hls4ml_reads_the_tutorial_cnn_with_its_float_dense_output(tmp_path):
     predicted, _, logits = _hls4ml_predictions(builders.tutorial_cnn(), True, tmp_path)
     assert np.max(np.abs(predicted - logits)) <= 2**-9
     np.testing.assert_array_equal(predicted.argmax(-1), logits.argmax(-1))
+
+
+@pytest.mark.slow
+def test_hls4ml_computes_the_merges_bit_for_bit(tmp_path):
+    """Subtract, Multiply, Maximum, Minimum, Add of three, Concatenate, Permute in hls4ml's C++."""
+    model = builders.merge_block()
+    sources = [builders.INPUT_QUANTIZER] * 2
+    onnx_model = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
+    hls_model = compiled_hls4ml(onnx_model, tmp_path)
+    inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])] * 2, 64)
+    predicted = hls_model.predict([np.ascontiguousarray(values) for values in inputs])
+    expected = model.predict(inputs, verbose=0)
+    np.testing.assert_array_equal(np.reshape(predicted, expected.shape), expected)
 
 
 # ------------------------------------------------- the Keras route: convert_from_keras_model

@@ -143,8 +143,10 @@ def _mac(name: str, float_class: str, quantized: bool, onnx: str, hls4ml: str) -
     )
 
 
-def _plain(name: str, rule: typerules.TypeRule, onnx: str, hls4ml: str = _MOVES) -> LayerSpec:
-    return LayerSpec(name, "copy", onnx, "exact", hls4ml, "yes", type_rule=rule)
+def _plain(
+    name: str, rule: typerules.TypeRule, onnx: str, hls4ml: str = _MOVES, finn: str = "yes"
+) -> LayerSpec:
+    return LayerSpec(name, "copy", onnx, "exact", hls4ml, finn, type_rule=rule)
 
 
 def _no_handler(*ops: str) -> str:
@@ -157,6 +159,8 @@ def _float(name: str, onnx: str, hls4ml: str, export: str = "copy") -> LayerSpec
     )
 
 
+_FINN_UNMEASURED = "not measured (FINN does not run here)"
+_PAD_1D = "no (hls4ml 1.3.0 mis-shapes a 1-D Pad: the next Reshape's shapes differ)"
 _NO_CONV1D = "no (hls4ml 1.3.0 reads no 1-D Conv from ONNX)"
 # A separable convolution is a depthwise, then a pointwise convolution.
 _SEPARABLE = "Conv (group) + Conv (1x1)"
@@ -258,7 +262,7 @@ LAYERS: dict[str, LayerSpec] = {
                 ("Flatten", "Reshape", _MOVES),
                 ("Reshape", "Reshape", _MOVES),
                 ("Permute", "Transpose", _MOVES),
-                ("ZeroPadding1D", "Pad", _MOVES),
+                ("ZeroPadding1D", "Pad", _PAD_1D),
                 ("ZeroPadding2D", "Pad", _MOVES),
                 ("Cropping1D", "Slice", _no_handler("Slice")),
                 ("Cropping2D", "Slice", _no_handler("Slice")),
@@ -306,7 +310,7 @@ LAYERS: dict[str, LayerSpec] = {
                 f"{onnx}; with average_quantizer then Mul (count), Mul (quantized 1/count)",
                 "exact over a power-of-two count, else float",
                 hls4ml,
-                "untested",
+                _FINN_UNMEASURED,
                 type_rule=typerules.quantized_average_pooling,
             )
             for name, onnx, hls4ml in (
@@ -322,8 +326,51 @@ LAYERS: dict[str, LayerSpec] = {
                 ),
             )
         ),
+        LayerSpec(
+            "UpSampling1D",
+            "copy",
+            "Split, Concat",
+            "exact",
+            _no_handler("Split"),
+            _FINN_UNMEASURED,
+            type_rule=typerules.upsampling,
+        ),
+        LayerSpec(
+            "UpSampling2D",
+            "copy",
+            "Resize (nearest, linear or cubic)",
+            "exact; bilinear: exact over power-of-two factors; bicubic, area: float",
+            "no (hls4ml 1.3.0 fails on the empty roi input of tf2onnx's Resize)",
+            _FINN_UNMEASURED,
+            type_rule=typerules.upsampling,
+        ),
+        _plain(
+            "RepeatVector",
+            typerules.same,
+            "Unsqueeze, Tile",
+            _no_handler("Unsqueeze"),
+            _FINN_UNMEASURED,
+        ),
         _plain("Add", typerules.add, "Add"),
-        _plain("Concatenate", typerules.union, "Concat"),
+        _plain("Subtract", typerules.subtract, "Sub", finn=_FINN_UNMEASURED),
+        _plain("Multiply", typerules.multiply, "Mul", finn=_FINN_UNMEASURED),
+        _plain("Maximum", typerules.union, "Max", finn=_FINN_UNMEASURED),
+        _plain("Minimum", typerules.union, "Min", finn=_FINN_UNMEASURED),
+        LayerSpec(
+            "Average",
+            "copy",
+            "Add, Mul",
+            "exact over a power-of-two number of inputs, else float",
+            "no (hls4ml 1.3.0 fails making the Mul by 1/n an ApplyAlpha: its bias type)",
+            _FINN_UNMEASURED,
+            type_rule=typerules.average,
+        ),
+        _plain(
+            "Concatenate",
+            typerules.union,
+            "Concat",
+            "yes for two inputs (hls4ml 1.3.0 merges at most two; tf2onnx chains the other merges)",
+        ),
     )
 }
 

@@ -139,6 +139,30 @@ def quantized_average_pooling(layer: Any, values: list[Typed]) -> Typed:
     return activation_type(layer.activation, total.product(reciprocal), layer)
 
 
+def upsampling(layer: Any, values: list[Typed]) -> Typed:
+    """Nearest-neighbour copies values; bilinear interpolation between neighbours is fixed point
+    when every factor is a power of two; other interpolations are float.
+
+    TensorFlow samples the input at ``(x + 0.5) / f - 0.5`` (half-pixel centres), so the
+    interpolation weights are multiples of ``1 / (2 f)`` along each axis scaled by ``f``: a
+    convex combination on a grid ``2 f`` times finer per such axis, within the input's range.
+    """
+    value = values[0]
+    interpolation = getattr(layer, "interpolation", "nearest")
+    if interpolation == "nearest" or isinstance(value, Untyped):
+        return value
+    if interpolation != "bilinear":
+        return Untyped(f"layer {layer.name!r} interpolates with {interpolation!r}, in float")
+    factors = [factor for factor in layer.size if factor > 1]
+    if any(factor & (factor - 1) for factor in factors):
+        return Untyped(
+            f"layer {layer.name!r} interpolates bilinearly by {tuple(layer.size)}, not powers "
+            "of two, so its output is not fixed point"
+        )
+    finer = sum((2 * factor).bit_length() - 1 for factor in factors)
+    return FixedPoint(value.bits + finer, value.integer, value.signed, value.narrow)
+
+
 def union(layer: Any, values: list[Typed]) -> Typed:
     """A type holding every input's values (concatenation)."""
     untyped = [value for value in values if isinstance(value, Untyped)]
@@ -154,3 +178,41 @@ def add(layer: Any, values: list[Typed]) -> Typed:
     """A sum of the inputs: their union, grown by the number summed."""
     total = union(layer, values)
     return total if isinstance(total, Untyped) else total.sum_of(len(values))
+
+
+def _typed_or_reason(values: list[Typed]) -> list[FixedPoint] | Untyped:
+    """The inputs' types, or the first input's reason for having none."""
+    untyped = [value for value in values if isinstance(value, Untyped)]
+    return untyped[0] if untyped else list(values)
+
+
+def subtract(layer: Any, values: list[Typed]) -> Typed:
+    """``a - b``: the narrowest type holding ``[a.min - b.max, a.max - b.min]`` on the finer grid.
+
+    Signed even when both inputs are unsigned; from the bounds rather than the widths, so
+    that two unsigned inputs cost no integer bit (their difference lies within either's
+    magnitude).
+    """
+    typed = _typed_or_reason(values)
+    if isinstance(typed, Untyped):
+        return typed
+    first, second = typed
+    return FixedPoint.narrowest_holding(
+        first.min - second.max, first.max - second.min, min(first.step, second.step)
+    )
+
+
+def multiply(layer: Any, values: list[Typed]) -> Typed:
+    """A product of the inputs: widths add (``FixedPoint.product``), one input after another."""
+    typed = _typed_or_reason(values)
+    if isinstance(typed, Untyped):
+        return typed
+    result = typed[0]
+    for value in typed[1:]:
+        result = result.product(value)
+    return result
+
+
+def average(layer: Any, values: list[Typed]) -> Typed:
+    """The mean of the inputs: their sum divided by their number, fixed point for 2, 4, 8..."""
+    return _average(layer, [union(layer, values)], len(values))
