@@ -56,6 +56,7 @@ MODEL_NAMES = (
     "po2_no_bias",
     "tutorial_cnn",
     "softmax_batchnorm_mlp",
+    "binary_ternary_po2",
     "separable_gap",
 )
 MODEL_LEVEL = "(model)"

@@ -251,6 +251,40 @@ def po2_no_bias() -> keras.Model:
     return keras.Model(image, x, name="po2_no_bias")
 
 
+def binary_ternary_po2() -> keras.Model:
+    """Few-bit weights as FPGA users train them: a ternary folded conv (``ternary()``, which
+    the layer gives a per-channel power-of-two scale), a binary conv, and power-of-two
+    dense kernels, folded and plain."""
+    image = keras.Input((8, 8, 2), name="image")
+    x = _conv(8, 3, "conv_ternary", kernel_quantizer="ternary()")(image)
+    x = _relu("relu1", "quantized_relu(4,2)")(x)
+    x = qkeras.QConv2D(
+        8,
+        3,
+        padding="same",
+        kernel_quantizer="binary(alpha=1)",
+        bias_quantizer="quantized_bits(8,3,1,alpha=1)",
+        name="conv_binary",
+    )(x)
+    x = _relu("relu2", "quantized_relu(4,2)")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = QDenseBatchnorm(
+        16,
+        kernel_quantizer="quantized_po2(4,1)",
+        bias_quantizer="quantized_bits(10,3,1,alpha=1)",
+        name="dense_po2",
+    )(x)
+    x = _relu("relu3", "quantized_relu(6,2)")(x)
+    x = qkeras.QDense(
+        4,
+        kernel_quantizer="quantized_po2(5,1)",
+        bias_quantizer="quantized_bits(8,3,1,alpha=1)",
+        name="output",
+    )(x)
+    return keras.Model(image, x, name="binary_ternary_po2")
+
+
 _SIX_BITS = "quantized_bits(6,0,1,alpha=1)"
 
 
@@ -336,6 +370,7 @@ MODELS: dict[str, GoldenModel] = {
     "softmax_batchnorm_mlp": GoldenModel(
         softmax_batchnorm_mlp, ("quantized_bits(8,3,1,alpha=1)",), 16
     ),
+    "binary_ternary_po2": GoldenModel(binary_ternary_po2, ("quantized_bits(8,3,1,alpha=1)",), 8),
     "separable_gap": GoldenModel(separable_gap, ("quantized_bits(8,3,1,alpha=1)",), 8),
 }
 

@@ -187,9 +187,7 @@ def test_populate_works_on_nested_and_multi_input_models(name):
     assert (name == "nested") == bool(nested_paths)
 
 
-@pytest.mark.parametrize(
-    "source", ["quantized_tanh(4)", "quantized_ulaw(8,0)", "stochastic_binary()"]
-)
+@pytest.mark.parametrize("source", ["quantized_ulaw(8,0)", "bernoulli()"])
 def test_source_quantizer_without_fixed_point_type_is_refused(source):
     with pytest.raises(QuantizerError, match=source.split("(")[0]):
         accumulator_types(builders.sequential_conv(), [source])

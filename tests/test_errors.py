@@ -236,9 +236,9 @@ def bad_inputs(tmp_path_factory, valid_file, folded_models) -> dict[str, Path]:
             ),
             folder / "ulaw.h5",
         ),
-        "stochastic_binary": _save(
-            _dense_model(qkeras.QDense(3, kernel_quantizer="stochastic_binary()", name="coin")),
-            folder / "stochastic.h5",
+        "bernoulli": _save(
+            _dense_model(qkeras.QDense(3, kernel_quantizer="bernoulli()", name="coin")),
+            folder / "bernoulli.h5",
         ),
         "negative_variance": _set_weight(
             valid_file, folder / "variance.h5", "conv", "moving_variance", 1, -0.5
@@ -314,8 +314,8 @@ EXPECTED = {
     "truncated": (ModelFileError, r"truncated.h5' is truncated \(20000 of its \d+ bytes\)"),
     "no_model": (ModelFileError, r"whole Keras model.*data.h5' has no model config"),
     "custom_layer": (UnsafeModelError, r"custom.h5' with layer='mystery'.*class 'Mystery'"),
-    "ulaw": (QuantizerError, r"quantized_bits .*quantized_relu.*layer='ulaw'.*quantized_ulaw"),
-    "stochastic_binary": (QuantizerError, r"stochastic_binary has no fixed-point.*'coin'"),
+    "ulaw": (QuantizerError, r"quantized_ulaw has no fixed-point type.*layer='ulaw'"),
+    "bernoulli": (QuantizerError, r"bernoulli has no fixed-point.*'coin'"),
     "negative_variance": (InvalidWeightsError, r"variance must not be negative.*'conv'"),
     "nan_kernel": (InvalidWeightsError, r"must be finite.*'dense'.*kernel"),
     "inf_gamma": (InvalidWeightsError, r"must be finite.*'dw'.*gamma"),

@@ -219,10 +219,11 @@ def test_unsupported_layer_names_layer_class_and_what_is_supported():
     "quantizer",
     [
         quantizers.quantized_bits(4, 0, 1, alpha=1, qnoise_factor=0.5),
-        "quantized_tanh(4)",
-        "quantized_po2(4)",
+        "quantized_ulaw(8,0)",
+        "binary(use_01=True)",
+        "quantized_bits(4,0,1,alpha=0.5)",
     ],
-    ids=["qnoise", "tanh", "po2"],
+    ids=["qnoise", "ulaw", "binary01", "alpha"],
 )
 def test_unsupported_activation_quantizer_is_refused(quantizer):
     inputs = keras.Input((6,))

@@ -97,8 +97,10 @@ def test_failure_is_one_line_exit_1_and_leaves_existing_output(tmp_path, capsys)
 
 def test_failed_export_leaves_no_partial_file(model_file, tmp_path, capsys):
     output = tmp_path / "out.onnx"
-    assert main([str(model_file), "-o", str(output), "--input-quantizer", "quantized_tanh(4)"]) == 1
-    assert "quantized_tanh" in capsys.readouterr().err
+    assert (
+        main([str(model_file), "-o", str(output), "--input-quantizer", "quantized_ulaw(8,0)"]) == 1
+    )
+    assert "quantized_ulaw" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -959,13 +959,8 @@ REFUSED = [
     pytest.param("relu", "relu", id="keras-activation"),
     pytest.param("linear", "linear", id="linear"),
     pytest.param(keras.activations.relu, "function", id="callable"),
-    pytest.param("stochastic_binary()", "stochastic_binary", id="stochastic_binary"),
-    pytest.param("stochastic_ternary()", "stochastic_ternary", id="stochastic_ternary"),
     pytest.param("bernoulli()", "bernoulli", id="bernoulli"),
     pytest.param("quantized_ulaw(8,0)", "quantized_ulaw", id="ulaw"),
-    pytest.param("quantized_tanh(4)", "quantized_tanh", id="tanh"),
-    pytest.param("quantized_sigmoid(4)", "quantized_sigmoid", id="sigmoid"),
-    pytest.param("quantized_hswish(4,2)", "quantized_hswish", id="hswish"),
     pytest.param("frobnicate(3)", "frobnicate", id="unknown"),
     pytest.param("quantized_bits(4,0,1", "quantized_bits(4,0,1", id="syntax"),
     pytest.param("quantized_bits(4,0,1,alpha=auto_po2)", "auto_po2", id="unquoted-string"),
@@ -978,7 +973,14 @@ REFUSED = [
     pytest.param("quantized_bits(4,0,-1)", "symmetric", id="symmetric-negative"),
     pytest.param("quantized_bits(4,0,'yes')", "symmetric", id="symmetric-string"),
     pytest.param("quantized_relu(4,0,1)", "use_sigmoid", id="relu-sigmoid"),
-    pytest.param("quantized_relu(4,0,negative_slope=0.25)", "negative_slope", id="leaky-relu"),
+    pytest.param("quantized_relu(4,0,negative_slope=0.3)", "negative_slope", id="leaky-relu"),
+    pytest.param(
+        quantizers.quantized_relu(4, 0, negative_slope=0.5, use_sigmoid=1),
+        "use_sigmoid",
+        id="leaky-relu-sigmoid",
+    ),
+    pytest.param("quantized_relu(1,0,negative_slope=0.5)", "2 bits", id="leaky-relu-1-bit"),
+    pytest.param("quantized_hswish(4,2,relu_shift=0)", "relu_shift", id="hswish-no-shift"),
     pytest.param(
         "quantized_relu(4,1,relu_upper_bound=0.3,is_quantized_clip=False)",
         "relu_upper_bound",
@@ -1010,7 +1012,7 @@ def test_refused_quantizers_name_the_layer_and_quantizer(spec, mentions):
 
 
 def test_refused_quantizer_objects_are_named_too():
-    for quantizer in (quantizers.quantized_hswish(4, 2), quantizers.stochastic_ternary()):
+    for quantizer in (quantizers.bernoulli(), quantizers.quantized_ulaw(8, 0)):
         with pytest.raises(QuantizerError, match=type(quantizer).__name__):
             FixedPoint.from_quantizer(quantizer, layer="act")
 

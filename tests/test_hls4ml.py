@@ -35,8 +35,15 @@ from bnfold.hls4ml import convert_from_keras_model, hls4ml_config, prepare_for_h
 from bnfold.keras import keras
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
-# An MLP, a conv net with skip connections, a depthwise-separable net, two inputs and outputs.
-HLS4ML_MODELS = ("jet_tagging_mlp", "resnet_tiny", "kws_dscnn", "two_in_two_out")
+# An MLP, a conv net with skip connections, a depthwise-separable net, two inputs and outputs,
+# binary, ternary and power-of-two kernels.
+HLS4ML_MODELS = (
+    "jet_tagging_mlp",
+    "resnet_tiny",
+    "kws_dscnn",
+    "two_in_two_out",
+    "binary_ternary_po2",
+)
 # hls4ml layer classes made from the ONNX Conv and MatMul nodes, named "<class>_<node>".
 MAC_LAYERS = ("Conv2D", "PointwiseConv2D", "DepthwiseConv2D", "Dense")
 # hls4ml 1.3.0's softmax (its default "stable" implementation, 18-bit tables) against the

@@ -12,6 +12,7 @@ import pytest
 import supported_versions
 from bnfold.folding import FOLDED_LAYER_TYPES
 from bnfold.layer_table import ACTIVATION_FUNCTIONS, LAYERS
+from bnfold.quantizer_table import QUANTIZERS
 
 ROOT = Path(__file__).resolve().parent.parent
 # The rows the README's table lists with their constraints file: the table's version of each
@@ -33,26 +34,38 @@ def test_readme_layer_table_matches_folded_layer_types():
     assert rows == expected
 
 
+def _support_table(first_column: str, entries) -> list[str]:
+    """One README support table: a row per table entry, in the tables' shared columns."""
+    return [
+        f"| {first_column} | exported as | exact or float | read by hls4ml | read by FINN |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {e.name} | {e.onnx} | {e.exact} | {e.hls4ml} | {e.finn} |" for e in entries),
+    ]
+
+
 def supported_layers_tables() -> str:
     """The README's tables of supported layers and activation functions, from the layer table."""
     lines = [
-        "| layer | exported as | exact or float | read by hls4ml | read by FINN |",
-        "| --- | --- | --- | --- | --- |",
-        *(f"| {s.name} | {s.onnx} | {s.exact} | {s.hls4ml} | {s.finn} |" for s in LAYERS.values()),
+        *_support_table("layer", LAYERS.values()),
         "",
-        "| activation function | exported as | exact or float | read by hls4ml | read by FINN |",
-        "| --- | --- | --- | --- | --- |",
-        *(
-            f"| {f.name} | {f.onnx} | {f.exact} | {f.hls4ml} | {f.finn} |"
-            for f in ACTIVATION_FUNCTIONS.values()
-        ),
+        *_support_table("activation function", ACTIVATION_FUNCTIONS.values()),
     ]
     return "\n".join(lines) + "\n"
 
 
-def test_readme_supported_layers_tables_match_the_layer_table():
-    expected = supported_layers_tables()
-    assert expected in (ROOT / "README.md").read_text(), "README tables should read:\n" + expected
+def supported_quantizers_table() -> str:
+    """The README's table of QKeras quantizers, from the quantizer table."""
+    return "\n".join(_support_table("quantizer", QUANTIZERS.values())) + "\n"
+
+
+@pytest.mark.parametrize(
+    "expected",
+    [supported_layers_tables, supported_quantizers_table],
+    ids=["layers", "quantizers"],
+)
+def test_readme_support_tables_match_the_tables(expected):
+    table = expected()
+    assert table in (ROOT / "README.md").read_text(), "README should read:\n" + table
 
 
 def test_ci_runs_the_matrix_then_the_readme_test_command():

@@ -41,12 +41,13 @@ from bnfold.errors import (
     TypeInferenceError,
     UntypedAccumulatorWarning,
 )
-from bnfold.fixedpoint import FixedPoint, as_quantizer
+from bnfold.fixedpoint import FixedPoint
 from bnfold.folding import folded_layer_type, folded_weights
 from bnfold.graph import propagate
 from bnfold.keras import keras
 from bnfold.layer_table import check_supported, layer_spec, mac_layer_type
 from bnfold.mac import QuantizedWeights, quantized_weights
+from bnfold.quantizer_table import as_quantizer
 from bnfold.typerules import Typed, Untyped, activation_type, quantizer_type
 
 Mode = Literal["widths", "weights"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import ModelFileError, ModelTooLargeError, QuantizerError, UnsafeModelError
-from bnfold.fixedpoint import as_quantizer, is_quantizer_name
+from bnfold.quantizer_table import as_quantizer, is_quantizer_name
 
 # Modules a configuration may name: Keras would import any other one.
 SAFE_MODULES = ("keras", "tf_keras", "qkeras", "bnfold")

@@ -21,6 +21,7 @@ from bnfold.fixedpoint import FixedPoint, QuantizerError
 from bnfold.folding import folded_layer_type, folded_weights
 from bnfold.keras import tf
 from bnfold.layer_table import LAYERS, Kernel, mac_layer_type
+from bnfold.quantizer_table import describe
 
 # The finest grid on which a plain Keras layer's float weights are read as fixed
 # point; trained float weights need more, so they stay float.
@@ -120,13 +121,15 @@ def _quantize(
     return quantized, scale
 
 
-def _power_of_two_scale(scale: Any, layer: Any, kernel: np.ndarray) -> np.ndarray:
+def _power_of_two_scale(scale: Any, layer: Any, kernel: np.ndarray, quantizer: Any) -> np.ndarray:
+    """The per-channel scale (``alpha``) a kernel quantizer set, broadcast to the kernel."""
     scale = np.asarray(scale, dtype=np.float32)
     exponents = np.log2(scale)
     if not np.all(exponents == np.round(exponents)):
         raise QuantizerError(
             "A kernel quantizer's scale must be a power of two to have a fixed-point type "
-            f"(use alpha='auto_po2', not 'auto'). Received: layer={layer.name!r} with scales "
+            "(use alpha='auto_po2', not 'auto', or powers of two). Received: "
+            f"layer={layer.name!r} with quantizer={describe(quantizer)!r}, scales "
             f"{sorted(set(np.unique(scale).tolist()))[:4]}"
         )
     return np.broadcast_to(scale, (1,) * (kernel.ndim - scale.ndim) + scale.shape).copy()
@@ -198,6 +201,7 @@ def _quantized_kernel(
         return values, None, None
     grid = FixedPoint.from_quantizer(quantizer, layer=layer.name, allow_scale=True)
     quantized, scale = _quantize(quantizer, values, layer, kernel.attribute.replace("_", " "))
-    if isinstance(getattr(quantizer, "alpha", None), str):
-        return quantized, grid, _power_of_two_scale(scale, layer, quantized)
+    alpha = getattr(quantizer, "alpha", None)
+    if isinstance(alpha, str) or not (alpha is None or np.all(np.asarray(alpha) == 1)):
+        return quantized, grid, _power_of_two_scale(scale, layer, quantized, quantizer)
     return quantized, grid, None

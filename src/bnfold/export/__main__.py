@@ -155,7 +155,7 @@ def _default_output(model: Path) -> Path:
 def _source_quantizers(parser: argparse.ArgumentParser, texts: list[str] | None) -> Any:
     """The --input-quantizer values as quantizers (None for 'float'); unreadable: usage error."""
     from bnfold.errors import QuantizerError
-    from bnfold.fixedpoint import parse_quantizer
+    from bnfold.quantizer_table import parse_quantizer
 
     if not texts:
         return None

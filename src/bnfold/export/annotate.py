@@ -126,21 +126,29 @@ class _Annotator:
     ) -> onnx.NodeProto:
         fixed = quant.fixed
         base = self.unique(f"{path.replace('/', '_')}_{role}_quant")
-        node = helper.make_node(
-            "Quant",
-            [
-                source,
-                self.constant(f"{base}_scale", _parameter_shape(np.float32(fixed.step) * scale)),
-                self.constant(f"{base}_zeropt", _parameter_shape(np.float32(0.0))),
-                self.constant(f"{base}_bitwidth", fixed.bits),
-            ],
-            [output],
-            name=base,
-            domain=QONNX_DOMAIN,
-            signed=int(fixed.signed),
-            narrow=int(fixed.narrow),
-            rounding_mode="ROUND",
+        scale_input = self.constant(
+            f"{base}_scale", _parameter_shape(np.float32(fixed.step) * scale)
         )
+        if quant.node == "BipolarQuant":
+            node = helper.make_node(
+                "BipolarQuant", [source, scale_input], [output], name=base, domain=QONNX_DOMAIN
+            )
+        else:
+            node = helper.make_node(
+                "Quant",
+                [
+                    source,
+                    scale_input,
+                    self.constant(f"{base}_zeropt", _parameter_shape(np.float32(0.0))),
+                    self.constant(f"{base}_bitwidth", fixed.bits),
+                ],
+                [output],
+                name=base,
+                domain=QONNX_DOMAIN,
+                signed=int(fixed.signed),
+                narrow=int(fixed.narrow),
+                rounding_mode=quant.rounding,
+            )
         _set_metadata(node, layer=path, role=role, quantizer=quant.quantizer)
         return node
 

@@ -17,7 +17,9 @@ ONNX node names lead back to their Keras layer.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,7 @@ from bnfold.graph import iter_layers, propagate
 from bnfold.keras import keras, tf
 from bnfold.layer_table import layer_spec, mac_layer_type
 from bnfold.mac import QuantizedWeights
+from bnfold.quantizer_table import describe, quantizer_kind
 from bnfold.typerules import Untyped, pooled_area
 
 POINT_PREFIX = "bnfold:"
@@ -56,11 +59,15 @@ class QuantSpec:
         fixed: the grid of the values (before any per-channel scale).
         quantizer: the QKeras quantizer string, for metadata.
         scale: per-channel power-of-two multipliers of ``fixed.step``, or None.
+        node: the QONNX op, ``"Quant"`` or ``"BipolarQuant"`` (+-1, scale ``fixed.step``).
+        rounding: the Quant node's ``rounding_mode``.
     """
 
     fixed: FixedPoint
     quantizer: str
     scale: np.ndarray | None = None
+    node: str = "Quant"
+    rounding: str = "ROUND"
 
 
 @dataclass(frozen=True)
@@ -188,34 +195,43 @@ def _markers(first: int, shape: tuple[int, ...]) -> np.ndarray:
 
 
 class QuantPoint(keras.layers.Layer):
-    """Identity in the float model; marks where a Quant node goes, by number."""
+    """Identity in the float model; marks where a Quant node goes, by number.
 
-    def __init__(self, point: int, relu: bool = False, **kwargs: Any) -> None:
+    ``before`` is the float op of the quantizer that comes before its Quant node (a
+    Relu for ``quantized_relu``), from the quantizer table; tf2onnx converts it.
+    """
+
+    def __init__(self, point: int, before: Callable[[Any], Any] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.point = point
-        self.relu = relu
+        self.before = before
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        if self.relu:
-            inputs = tf.nn.relu(inputs)
+        if self.before is not None:
+            inputs = self.before(inputs)
         return tf.raw_ops.PreventGradient(input=inputs, message=f"{POINT_PREFIX}{self.point}")
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "point": self.point, "relu": self.relu}
+        return {**super().get_config(), "point": self.point}
 
 
-def _activation_quant(quantizer: Any, path: str) -> tuple[QuantSpec, bool]:
-    """The Quant for an activation quantizer, and whether a Relu comes before it."""
-    name = type(quantizer).__name__
-    if name not in ("quantized_bits", "quantized_relu"):
-        raise QuantizerError(
-            "An activation quantizer must be quantized_bits (alpha None or 1) or "
-            f"quantized_relu to export as a QONNX Quant. Received: layer={path!r} with "
-            f"quantizer={str(quantizer)!r}"
-        )
+def _activation_quant(quantizer: Any, path: str) -> tuple[QuantSpec, Callable[[Any], Any]]:
+    """The Quant for an activation quantizer, and the float op that comes before it.
+
+    Every quantizer with a type has an activation form in the quantizer table.
+    """
     _check_full_quantization(quantizer, path)
     fixed = FixedPoint.from_quantizer(quantizer, layer=path)
-    return QuantSpec(fixed, str(quantizer)), name == "quantized_relu"
+    kind = quantizer_kind(quantizer)
+    form = kind.activation
+    if form.node == "BipolarQuant" and fixed.min != -fixed.max:
+        raise QuantizerError(
+            f"{kind.name} exports on activations as a QONNX BipolarQuant, which outputs -1 "
+            f"and 1, not 0 and 1 (use_01). Received: layer={path!r} with "
+            f"quantizer={describe(quantizer)!r}"
+        )
+    quant = QuantSpec(fixed, describe(quantizer), node=form.node, rounding=form.rounding)
+    return quant, functools.partial(form.before, quantizer)
 
 
 def _check_full_quantization(quantizer: Any, path: str) -> None:
@@ -223,7 +239,7 @@ def _check_full_quantization(quantizer: Any, path: str) -> None:
     if float(np.asarray(factor)) != 1.0:
         raise QuantizerError(
             "A quantizer must fully quantize (qnoise_factor 1) to export. Received: "
-            f"layer={path!r} with quantizer={str(quantizer)!r}, qnoise_factor={float(factor)}"
+            f"layer={path!r} with quantizer={describe(quantizer)!r}, qnoise_factor={float(factor)}"
         )
 
 
@@ -250,7 +266,7 @@ def _weight_quant(
     if quantizer is None:
         return None
     _check_full_quantization(quantizer, path)
-    return QuantSpec(fixed, str(quantizer), scale)
+    return QuantSpec(fixed, describe(quantizer), scale)
 
 
 def _float_config(layer: Any, float_class: type) -> dict[str, Any]:
@@ -286,7 +302,13 @@ class _Stripper:
         return scope
 
     def point(
-        self, tensor: Any, path: str, role: str, quant: QuantSpec | None, relu: bool, index: int = 0
+        self,
+        tensor: Any,
+        path: str,
+        role: str,
+        quant: QuantSpec | None,
+        before: Callable[[Any], Any] | None,
+        index: int = 0,
     ) -> Any:
         if len(self.points) == MAX_POINTS:
             raise UnsupportedLayerError(
@@ -294,7 +316,7 @@ class _Stripper:
                 f"Received: more, at layer={path!r}"
             )
         self.points.append(PointRecord(path, role, quant, index))
-        return QuantPoint(len(self.points) - 1, relu=relu, name=self._scope(path))(tensor)
+        return QuantPoint(len(self.points) - 1, before, name=self._scope(path))(tensor)
 
     def _record(self, path: str, layer: Any) -> LayerRecord:
         if path not in self.layers:
@@ -306,7 +328,7 @@ class _Stripper:
         if path not in self.float_layers and self._starts_float_tail(path):
             inputs, after_float = self.types[path][0], self.after_float[path]
             tensors = [
-                self.point(tensor, path, "probe", None, False, index)
+                self.point(tensor, path, "probe", None, None, index)
                 if isinstance(value, FixedPoint) and not floated
                 else tensor
                 for index, (tensor, value, floated) in enumerate(
@@ -331,9 +353,9 @@ class _Stripper:
         )
 
     def _quantizer(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
-        quant, relu = _activation_quant(layer.quantizer, path)
+        quant, before = _activation_quant(layer.quantizer, path)
         record.activation = quant.quantizer
-        return self.point(tensors[0], path, "activation", quant, relu)
+        return self.point(tensors[0], path, "activation", quant, before)
 
     def _copy(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
         return self._rebuilt(layer, tensors, path, type(layer), layer.get_config(), layer.weights)
@@ -354,7 +376,7 @@ class _Stripper:
             area = np.float32(pooled_area(layer))
             reciprocal = np.float32(quantizer(np.float32(1.0) / area))
             tensor = _scaled(tensor, area, self._scope(path))
-            tensor = self.point(tensor, path, "barrier", None, False)
+            tensor = self.point(tensor, path, "barrier", None, None)
             tensor = _scaled(tensor, reciprocal, self._scope(path))
         return self._activation(layer.activation, tensor, path, record)
 
@@ -374,7 +396,7 @@ class _Stripper:
         if not any(point.path == path for point in self.points[-1:]):
             # tf2onnx folds a batch normalization into the convolution before it,
             # kernel markers included; a point between them keeps them apart.
-            tensors = [self.point(tensors[0], path, "barrier", None, False)]
+            tensors = [self.point(tensors[0], path, "barrier", None, None)]
         config = {
             key: value
             for key, value in layer.get_config().items()
@@ -453,12 +475,12 @@ class _Stripper:
         if activation is None or name == "linear":
             return tensor
         if type(activation).__module__.startswith("qkeras"):
-            quant, relu = _activation_quant(activation, path)
+            quant, before = _activation_quant(activation, path)
             record.activation = quant.quantizer
-            return self.point(tensor, path, "activation", quant, relu)
+            return self.point(tensor, path, "activation", quant, before)
         record.activation = name
         if record.accumulator is not None and name != "relu" and not any(self.after_float[path]):
-            tensor = self.point(tensor, path, "probe", None, False, -1)
+            tensor = self.point(tensor, path, "probe", None, None, -1)
         return keras.layers.Activation(activation, name=self._scope(path))(tensor)
 
 
@@ -572,7 +594,7 @@ def strip(
         stripper.layers.setdefault(name, LayerRecord(name, "InputLayer"))
         quant = QuantSpec(FixedPoint.from_quantizer(quantizer, layer=name), str(quantizer))
         stripper.layers[name].activation = quant.quantizer
-        starts.append(stripper.point(placeholder, name, "input", quant, relu=False))
+        starts.append(stripper.point(placeholder, name, "input", quant, None))
     outputs = propagate(model, starts, stripper.visit)
     for path, layer in folded_layers:
         if path in stripper.layers:
