@@ -418,6 +418,21 @@ def softmax_classifier() -> keras.Model:
     return _randomized(keras.Model(inputs, x, name="softmax_classifier"))
 
 
+FLOAT_ACTIVATIONS = ("sigmoid", "tanh", "softplus", "softsign", "elu", "selu", "hard_sigmoid")
+
+
+def activation_heads(functions: tuple[str, ...] = FLOAT_ACTIVATIONS) -> keras.Model:
+    """One QDense read by a float activation of each kind, each its own output: the
+    Activation layers of ``functions``, then LeakyReLU, ELU and ThresholdedReLU layers."""
+    inputs = keras.Input((8,), name="features")
+    x = q.QDense(6, kernel_quantizer=KERNEL, bias_quantizer=BIAS, name="fc")(inputs)
+    outputs = [keras.layers.Activation(name, name=name)(x) for name in functions]
+    outputs.append(keras.layers.LeakyReLU(0.2, name="leaky_relu_layer")(x))
+    outputs.append(keras.layers.ELU(1.0, name="elu_layer")(x))
+    outputs.append(keras.layers.ThresholdedReLU(0.5, name="thresholded_relu_layer")(x))
+    return _randomized(keras.Model(inputs, outputs, name="activation_heads"))
+
+
 FLOAT_TAIL_BUILDERS = {
     "tutorial_cnn": tutorial_cnn,
     "ds_cnn": ds_cnn,

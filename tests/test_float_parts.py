@@ -73,8 +73,7 @@ def test_export_keeps_fixed_point_exact_and_float_within_tolerance(float_tail_ex
     _, exported, _ = float_tail_exports[name]
     onnx.checker.check_model(exported, full_check=True)
     verification = _model_metadata(exported, "verification")
-    assert verification["exact_difference"] == 0.0
-    assert 0.0 <= verification["max_difference"] <= verification["tolerance"]
+    _assert_exact_and_within_tolerance(verification)
     assert verification["tolerance"] >= FLOAT_TOLERANCE
     tail = _model_metadata(exported, "float_tail")
     assert tail["outputs"] == EXPECTED[name][0]
@@ -208,9 +207,15 @@ def test_every_float_activation_function_exports(function):
     for model in _activation_models(function):
         exported, messages = _export(builders._randomized(model))
         assert messages == []
+        onnx.checker.check_model(exported, full_check=True)
         tail = _model_metadata(exported, "float_tail")
         assert tail["outputs"] == [model.output_names[0]] and len(tail["boundaries"]) == 1
-        assert _model_metadata(exported, "verification")["exact_difference"] == 0.0
+        _assert_exact_and_within_tolerance(_model_metadata(exported, "verification"))
+
+
+def _assert_exact_and_within_tolerance(verification):
+    assert verification["exact_difference"] == 0.0
+    assert 0.0 <= verification["max_difference"] <= verification["tolerance"]
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -219,7 +224,8 @@ def test_every_float_activation_layer_exports(layer):
     model = builders._randomized(keras.Model(inputs, LAYERS[layer]()(_dense()(inputs))))
     exported, messages = _export(model)
     assert messages == []
-    assert _model_metadata(exported, "verification")["exact_difference"] == 0.0
+    onnx.checker.check_model(exported, full_check=True)
+    _assert_exact_and_within_tolerance(_model_metadata(exported, "verification"))
     assert _model_metadata(exported, "float_tail")["outputs"] == model.output_names
 
 

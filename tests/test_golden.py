@@ -23,7 +23,14 @@ import pytest
 
 import golden_records
 import make_golden
-from bnfold.export.verify import FLOAT_TOLERANCE
+from bnfold.export import standard_ops
+from bnfold.export.verify import (
+    FLOAT_TOLERANCE,
+    ONE_SESSION,
+    qonnx_outputs,
+    sample_inputs,
+)
+from bnfold.fixedpoint import FixedPoint
 from golden_records import GOLDEN, MODEL_NAMES, Difference, Recording
 
 MAX_MODEL_BYTES = 1_000_000
@@ -276,3 +283,22 @@ def test_readme_quick_start_exports_the_jet_tagging_mlp(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert output.is_file()
     assert "verified: QONNX equals QKeras" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_one_session_executor_equals_qonnx_executor_bit_for_bit(golden, name):
+    """Verify's one onnxruntime session computes what qonnx's executor computes, float parts
+    and tensors read by float layers included, on and off the input grids."""
+    model = golden(name)
+    onnx_model = model.loaded.onnx_model
+    assert standard_ops.as_standard_ops(onnx_model) is not None
+    types = [FixedPoint.from_quantizer(q) for q in model.loaded.source_quantizers]
+    inputs = sample_inputs(model.loaded.folded, types, 16, seed=1, off_grid=16)
+    metadata = {entry.key: entry.value for entry in onnx_model.metadata_props}
+    tail = json.loads(metadata.get("bnfold.float_tail", '{"boundaries": []}'))
+    tensors = [boundary["tensor"] for boundary in tail["boundaries"]]
+    by_qonnx = qonnx_outputs(onnx_model, inputs, tensors)
+    in_one_session = qonnx_outputs(onnx_model, inputs, tensors, one_session=True)
+    for expected, actual in zip(by_qonnx, in_one_session, strict=True):
+        np.testing.assert_array_equal(actual, expected)
+    assert json.loads(metadata["bnfold.verification"])["executor"] == ONE_SESSION

@@ -32,7 +32,8 @@ from bnfold.export.__main__ import main
 from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.hls4ml import convert_from_keras_model, hls4ml_config, prepare_for_hls4ml
-from bnfold.keras import keras
+from bnfold.keras import keras, qkeras
+from bnfold.mac import quantized_weights
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 # An MLP, a conv net with skip connections, a depthwise-separable net, two inputs and outputs,
@@ -258,6 +259,86 @@ def test_average_pooling_and_squeeze_become_ops_hls4ml_reads():
     np.testing.assert_array_equal(qonnx_outputs(cleaned, [inputs])[0], expected)
 
 
+# ----------------------------------------------------- float values: types from their ranges
+
+
+def _result_types(cleaned, config) -> dict[str, FixedPoint]:
+    """Each node output whose ``result`` the configuration sets, without rounding modes."""
+    types = {}
+    for node in cleaned.graph.node:
+        result = config["LayerName"][node.name]["Precision"]["result"]
+        if result != "auto":
+            types[node.output[0]] = FixedPoint.from_hls(re.sub(r",[A-Z_]+", "", result))
+    return types
+
+
+@pytest.fixture(scope="module")
+def float_part_exports():
+    """Models with float parts of every kind, exported once (one scale per kernel)."""
+    builds = {name: builders.FLOAT_TAIL_BUILDERS[name] for name in ("tutorial_cnn", "ds_cnn")}
+    builds["global_average_6x6"] = builders.global_average_6x6
+    builds["activation_heads"] = builders.activation_heads
+    exports = {}
+    for name, build in builds.items():
+        model = build()
+        exports[name] = (
+            model,
+            bnfold.export_onnx(
+                model,
+                source_quantizers=[builders.INPUT_QUANTIZER],
+                per_channel_scales=False,
+                verify=False,
+            ),
+        )
+    return exports
+
+
+@pytest.mark.parametrize(
+    "name", ["activation_heads", "ds_cnn", "global_average_6x6", "tutorial_cnn"]
+)
+def test_every_result_type_holds_the_values_its_layer_computes(float_part_exports, name):
+    """On the input type's extremes and random samples, the graph hls4ml reads (run by
+    QONNX) never leaves a configured result type; float values included."""
+    model, exported = float_part_exports[name]
+    cleaned, config = prepare_for_hls4ml(exported)
+    types = _result_types(cleaned, config)
+    source = FixedPoint.from_quantizer(builders.INPUT_QUANTIZER)
+    inputs = sample_inputs(model, [source], 64)
+    values = qonnx_outputs(cleaned, inputs, list(types))[len(cleaned.graph.output) :]
+    for (tensor, fixed), computed in zip(types.items(), values, strict=True):
+        assert fixed.holds(computed.min(), computed.max()), (tensor, fixed)
+
+
+def test_float_values_get_their_range_and_the_chosen_fractional_bits(float_part_exports):
+    """A mean keeps its input's integer bits, a softmax or sigmoid is within [0, 1], a tanh
+    within [-1, 1]; fractional_bits sets the grid of exactly those float values."""
+    step = 2.0**-16
+    relu = FixedPoint.from_quantizer(builders.RELU)
+    for name, (_, exported) in float_part_exports.items():
+        cleaned, config = prepare_for_hls4ml(exported)
+        fine = _result_types(cleaned, config)
+        coarse = _result_types(*prepare_for_hls4ml(exported, fractional_bits=8))
+        changed = [tensor for tensor in fine if fine[tensor] != coarse[tensor]]
+        assert changed, name
+        for tensor in changed:
+            assert (fine[tensor].fractional, coarse[tensor].fractional) == (16, 8)
+            assert fine[tensor].integer == coarse[tensor].integer
+        for node in cleaned.graph.node:
+            fixed = fine.get(node.output[0])
+            if any(entry.key == "bnfold.rounded" for entry in node.metadata_props):
+                assert fixed == FixedPoint.narrowest_holding(0.0, relu.max, step)
+            elif node.op_type in ("Softmax", "Sigmoid"):
+                assert fixed.holds(0.0, 1.0) and not fixed.signed and fixed.integer <= 1
+            elif node.op_type == "Tanh":
+                assert fixed.holds(-1.0, 1.0) and fixed.integer <= 1
+
+
+def test_fractional_bits_out_of_range_are_refused(jet_export):
+    for refused in (-1, 33, 8.0, True):
+        with pytest.raises(ValueError, match="fractional_bits must be an int from 0 to 32"):
+            prepare_for_hls4ml(jet_export, fractional_bits=refused)
+
+
 # ------------------------------------------------------------------------------ CLI
 
 
@@ -290,6 +371,17 @@ def test_cli_writes_the_config_of_the_onnx_it_writes(folded_models, tmp_path, ca
     )
 
 
+def test_cli_fractional_bits_reach_the_config(tmp_path):
+    model_file = tmp_path / "average.h5"
+    builders.global_average_6x6().save(model_file)
+    output, config_file = tmp_path / "average.onnx", tmp_path / "average.json"
+    arguments = [str(model_file), "-o", str(output), "--input-quantizer", builders.INPUT_QUANTIZER]
+    arguments += ["--no-verify", "--hls4ml-config", str(config_file)]
+    assert main([*arguments, "--hls4ml-fractional-bits", "8"]) == 0
+    written = json.loads(config_file.read_text())
+    assert written == hls4ml_config(output, fractional_bits=8) != hls4ml_config(output)
+
+
 # ------------------------------------------------------------------------ float tails
 
 
@@ -309,16 +401,21 @@ def compiled_hls4ml(onnx_model, directory, **options):
     return hls_model
 
 
-def _hls4ml_predictions(model, skip_softmax, directory, samples=32):
-    """``model`` exported, through hls4ml (compiled), its predictions and the QKeras logits."""
+def _hls4ml_predictions(model, skip_softmax, directory, samples=32, **options):
+    """``model`` exported, through hls4ml (compiled), its predictions and the QKeras logits
+    (the input of a final softmax, else the outputs)."""
     sources = [builders.INPUT_QUANTIZER]
     onnx_model = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
     bnfold.populate_bias_quantizer_from_accumulator(model, sources)
     inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], samples)
-    hls_model = compiled_hls4ml(onnx_model, directory, skip_softmax=skip_softmax)
+    hls_model = compiled_hls4ml(onnx_model, directory, skip_softmax=skip_softmax, **options)
     predicted = hls_model.predict(np.ascontiguousarray(inputs[0]))
     expected = model.predict(inputs, verbose=0)
-    logits = keras.Model(model.input, model.layers[-2].output).predict(inputs, verbose=0)
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Activation) and last.get_config()["activation"] == "softmax":
+        logits = keras.Model(model.input, last.input).predict(inputs, verbose=0)
+    else:
+        logits = expected
     return np.reshape(predicted, expected.shape), expected, logits
 
 
@@ -350,10 +447,12 @@ def test_hls4ml_softmax_approximates_the_float_softmax(softmax_classifier):
 
 
 @pytest.mark.slow
-def test_hls4ml_reads_standalone_batchnorm_and_gives_the_logits_bit_for_bit(tmp_path):
-    """QDense + BatchNormalization + QActivation: the batch normalization computes in
-    hls4ml's default precision, which prepare_for_hls4ml widens for float parts."""
-    predicted, _, logits = _hls4ml_predictions(builders.jet_softmax_batchnorm(), True, tmp_path)
+@pytest.mark.parametrize("name", ["jet_softmax_batchnorm", "qbatchnorm_mlp"])
+def test_hls4ml_reads_standalone_batchnorm_and_gives_the_logits_bit_for_bit(name, tmp_path):
+    """QDense + BatchNormalization (or QBatchNormalization) + QActivation: the batch
+    normalization computes in the types prepare_for_hls4ml gives float parts."""
+    model = builders.FLOAT_TAIL_BUILDERS[name]()
+    predicted, _, logits = _hls4ml_predictions(model, True, tmp_path)
     np.testing.assert_array_equal(predicted, logits)
 
 
@@ -377,6 +476,126 @@ def test_hls4ml_computes_the_merges_bit_for_bit(tmp_path):
     predicted = hls_model.predict([np.ascontiguousarray(values) for values in inputs])
     expected = model.predict(inputs, verbose=0)
     np.testing.assert_array_equal(np.reshape(predicted, expected.shape), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "dense", "fractional_bits"),
+    [
+        ("ds_cnn", "classifier", 16),
+        ("global_average_6x6", "head", 16),
+        ("global_average_6x6", "head", 8),
+    ],
+)
+def test_hls4ml_computes_means_over_windows_that_are_not_a_power_of_two(
+    name, dense, fractional_bits, tmp_path
+):
+    """The MLPerf Tiny DS-CNN's 25x5 average pooling, and a 6x6 global average, each read by
+    a QDense: hls4ml's mean is within 1.25 * 2**-fractional_bits of the exact one, so each
+    logit is within that times the sum of its weights' magnitudes."""
+    model = builders.FLOAT_TAIL_BUILDERS[name]()
+    predicted, _, logits = _hls4ml_predictions(
+        model, True, tmp_path, fractional_bits=fractional_bits
+    )
+    kernel = quantized_weights(model.get_layer(dense)).kernel
+    promised = np.abs(kernel).sum(0) * 1.25 * 2.0**-fractional_bits
+    assert np.all(np.abs(predicted - logits) <= promised)
+    np.testing.assert_array_equal(predicted.argmax(-1), logits.argmax(-1))
+
+
+def _activation_after_dense(function: str) -> keras.Model:
+    inputs = keras.Input((8,), name="features")
+    x = qkeras.QDense(6, kernel_quantizer=builders.KERNEL, bias_quantizer=builders.BIAS, name="fc")(
+        inputs
+    )
+    outputs = keras.layers.Activation(function, name=function)(x)
+    return builders._randomized(keras.Model(inputs, outputs, name=function))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("function", ["swish", "silu"])
+def test_hls4ml_computes_swish_with_its_sigmoid_table(function, tmp_path):
+    """x * sigmoid(x): hls4ml reads the Sigmoid and the Mul; its sigmoid comes from a
+    1024-entry table over [-8, 8) (steps of 1/64 in x, so within 1/256 of the sigmoid)
+    and saturates beyond, so each output is within |x| / 256 (measured: 0.021 at x = 21)."""
+    model = _activation_after_dense(function)
+    predicted, expected, _ = _hls4ml_predictions(model, False, tmp_path, samples=64)
+    sources = [builders.INPUT_QUANTIZER]
+    inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], 64)
+    before = keras.Model(model.input, model.get_layer("fc").output).predict(inputs, verbose=0)
+    assert np.all(np.abs(predicted - expected) <= np.abs(before) / 256 + 2**-10)
+
+
+# Measured on activation_heads with inputs from -20.5 to 21.1: sigmoid 0.0044, tanh 0.0067,
+# elu 0.0039, selu 0.0076, and within |x| < 8 softplus 0.015 and softsign 0.012 (hls4ml's
+# tables span [-8, 8)); LeakyReLU 5e-5 (its result type), ThresholdedReLU 0.
+TABLE_ERROR = 2**-6
+PIECEWISE_LINEAR_ERROR = 2**-10
+# Tables that saturate at |x| = 8: beyond, the function keeps growing and hls4ml does not.
+SATURATING = ("softplus", "softsign")
+
+
+@pytest.mark.slow
+def test_hls4ml_computes_every_float_activation_it_reads(tmp_path):
+    """Each float activation after a QDense, one model with an output per function, through
+    hls4ml's C simulation: table-based functions within TABLE_ERROR (softplus and softsign
+    only for inputs within [-8, 8)), LeakyReLU and ThresholdedReLU within
+    PIECEWISE_LINEAR_ERROR. The Elu's alpha reaches hls4ml (it reads a missing one as 0.01)."""
+    import hls4ml
+
+    model = builders.activation_heads(builders.FLOAT_ACTIVATIONS[:-1])  # not hard_sigmoid
+    sources = [builders.INPUT_QUANTIZER]
+    exported = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
+    cleaned, config = prepare_for_hls4ml(exported)
+    hls_model = hls4ml.converters.convert_from_onnx_model(
+        cleaned,
+        output_dir=str(tmp_path / "hls4ml_prj"),
+        backend="Vitis",
+        io_type="io_parallel",
+        hls_config=config,
+    )
+    hls_model.compile()
+    bnfold.populate_bias_quantizer_from_accumulator(model, sources)
+    inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], 64)
+    predicted = hls_model.predict(np.ascontiguousarray(inputs[0]))
+    before = keras.Model(model.input, model.get_layer("fc").output).predict(inputs, verbose=0)
+    assert before.min() < -8 and before.max() > 8
+    expected = model.predict(inputs, verbose=0)
+    for name, values, output in zip(
+        model.output_names, expected, cleaned.graph.output, strict=True
+    ):
+        computed = np.reshape(predicted[hls_model.outputs.index(output.name)], values.shape)
+        error = np.abs(computed - values)
+        if name in SATURATING:
+            inside = np.abs(before) < 8
+            assert np.all(error[inside] <= TABLE_ERROR), name
+            assert np.ptp(computed[before > 8]) <= TABLE_ERROR, name  # one value beyond 8
+        elif name in ("leaky_relu_layer", "thresholded_relu_layer"):
+            assert np.all(error <= PIECEWISE_LINEAR_ERROR), name
+        else:
+            assert np.all(error <= TABLE_ERROR), name
+
+
+def test_hls4ml_cannot_read_hard_sigmoid(tmp_path):
+    """hard_sigmoid is exported as Mul, Add, Min, Max with constants; hls4ml 1.3.0 turns a
+    Min or Max with a constant into a Merge layer and fails on it in its precision
+    inference (only Add, Sub, Mul and Div with a constant become ApplyAlpha)."""
+    import hls4ml
+
+    model = _activation_after_dense("hard_sigmoid")
+    exported = bnfold.export_onnx(
+        model, source_quantizers=[builders.INPUT_QUANTIZER], per_channel_scales=False
+    )
+    cleaned, config = prepare_for_hls4ml(exported)
+    assert {"Min", "Max"} <= {node.op_type for node in cleaned.graph.node}
+    with pytest.raises(IndexError):
+        hls4ml.converters.convert_from_onnx_model(
+            cleaned,
+            output_dir=str(tmp_path / "hls4ml_prj"),
+            backend="Vitis",
+            io_type="io_parallel",
+            hls_config=config,
+        )
 
 
 # ------------------------------------------------- the Keras route: convert_from_keras_model

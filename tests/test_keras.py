@@ -78,3 +78,33 @@ def test_keras_3_behind_tf_keras_is_a_clear_error(first_lines):
     assert last_line.startswith("ImportError: bnfold needs TensorFlow's legacy Keras 2")
     assert "'keras.src.models.model'" in last_line
     assert "TF_USE_LEGACY_KERAS=1" in last_line
+
+
+_KERAS_3_STATE = """
+import sys
+from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
+print("keras" in sys.modules, prune_registry.base_layer)
+import keras
+print(keras.__version__.split(".")[0])
+"""
+
+
+@pytest.mark.skipif(
+    tf.__version__.startswith("2.15."), reason="TensorFlow 2.15's keras package is Keras 2"
+)
+def test_qkeras_starts_without_keras_3_and_leaves_it_importable():
+    """bnfold spares QKeras's start the import of Keras 3, which QKeras's own start discards."""
+    outputs = {}
+    for first in ("import bnfold.keras", "import qkeras"):
+        environment = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+        result = subprocess.run(
+            [sys.executable, "-c", first + "\n" + _KERAS_3_STATE],
+            env=environment,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        outputs[first] = result.stdout.split()
+    assert outputs["import bnfold.keras"] == ["False", "None", "3"]
+    # QKeras alone imports Keras 3 and ends with the same (empty) registry entry.
+    assert outputs["import qkeras"] == ["True", "None", "3"]

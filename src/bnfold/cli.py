@@ -99,20 +99,14 @@ def one_line(text: str) -> str:
     return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
 
 
-def report_failure(error: BaseException, *, model: Path | None = None, debug: bool = False) -> int:
-    """Print ``error`` as one ``error: ...`` line on stderr (after its traceback with ``debug``).
+def failure_message(error: BaseException, *, model: Path | None = None, debug: bool = False) -> str:
+    """``error`` as one line, led by the model path unless the message names it.
 
-    The model path leads the line unless the message names it, or the error is
-    about an output path (which the message names). An error that is neither a
-    ``BnfoldError`` nor an ``OSError`` is a bug, and an ``ExportError`` with a
-    ``stage`` an unforeseen failure inside a stage: for those the line also says
-    how to see the traceback.
-
-    Returns:
-        The exit status of a failed command.
+    The path is left out of an error about an output path (which the message
+    names). An error that is neither a ``BnfoldError`` nor an ``OSError`` is a
+    bug, and an ``ExportError`` with a ``stage`` an unforeseen failure inside a
+    stage: for those the line also says how to see the traceback.
     """
-    if debug:
-        traceback.print_exception(error, file=sys.stderr)
     message = one_line(str(error)) or type(error).__name__
     if not isinstance(error, BnfoldError | OSError):
         message = f"unexpected {type(error).__name__}: {message}"
@@ -121,7 +115,18 @@ def report_failure(error: BaseException, *, model: Path | None = None, debug: bo
         message += "; rerun with --debug for the traceback"
     if model is not None and str(model) not in message and not isinstance(error, OutputPathError):
         message = f"{model}: {message}"
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    return message
+
+
+def report_failure(error: BaseException, *, model: Path | None = None, debug: bool = False) -> int:
+    """Print ``error`` as one ``error: ...`` line on stderr (after its traceback with ``debug``).
+
+    Returns:
+        The exit status of a failed command.
+    """
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"error: {failure_message(error, model=model, debug=debug)}", file=sys.stderr, flush=True)
     return EXIT_FAILED
 
 

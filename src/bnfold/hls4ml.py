@@ -14,9 +14,24 @@ values for a ``GlobalAveragePool`` behind the transpose that pass leaves (its ha
 takes the dimensions as channels-first, its layer reads the data as channels-last), and
 has no ``Squeeze``, which tf2onnx puts after every global pooling. An average over a power-of-two
 window is a depthwise convolution whose weights are all ``1/n``, a power of two, held
-exactly by a 1-bit unsigned Quant node; hls4ml reads that, and computes it exactly.
+exactly by a 1-bit unsigned Quant node; hls4ml reads that, and computes it exactly. Over
+any other window (the DS-CNN's 25x5, a 6x6 global average) ``1/n`` is rounded to a grid
+fine enough that the mean is off by at most a quarter of the result's step (the node
+carries ``bnfold.rounded``); the result is typed as a float value (below).
 A ``Squeeze`` becomes the equivalent ``Reshape``. The exported file itself keeps the
 plain pooling nodes, which QONNX and FINN read as they are.
+
+Values the export computes in float (after a float activation or layer, a batch
+normalization, a rounded mean) get a ``result`` type whose integer bits hold their range
+and whose fractional bits are ``fractional_bits`` (16 unless chosen). The range follows by
+interval arithmetic from the Quant types and the constants: a mean stays within its
+input's range, a softmax or sigmoid within [0, 1], a tanh within [-1, 1], a batch
+normalization, a float Dense or Conv within the range its weights give its input's range,
+and every other elementwise activation in its function of the input's ends. hls4ml
+truncates each such result to the grid, less than ``2**-fractional_bits`` off; a Dense or
+Conv reading it infers an exact accumulator from that type. A value whose range bnfold
+cannot bound (an op without a rule, such as ``Exp``) keeps hls4ml's own typing, which
+falls back on the default precision.
 
 :func:`convert_from_keras_model` is the other route: hls4ml's Keras front end on the
 unfolded model, with the same types in its configuration.
@@ -49,19 +64,29 @@ __all__ = ["convert_from_keras_model", "hls4ml_config", "prepare_for_hls4ml"]
 QONNX_DOMAIN = "qonnx.custom_op.general"
 # hls4ml's own default precision, for a model without any bnfold type.
 FALLBACK_PRECISION = "fixed<16,6>"
-# Layers that compute in float (batch normalization, float layers, what reads them) get
-# hls4ml's default precision; in a model with a float tail it holds at least 16 integer
-# and 16 fractional bits. Measured: the logits of a QDense + BatchNormalization +
+# Fractional bits of the types given to values computed in float (after a float
+# activation or layer, a batch normalization, a mean over a window that is not a power of
+# two); their integer bits hold the value's range. 16: a float value then reaches the
+# next fixed-point layer within 2**-16 (0.0015 % of a unit), well inside the step of the
+# few-bit quantizers QKeras models use, at the cost of wide types in the float part.
+FLOAT_FRACTIONAL_BITS = 16
+# In a model with float parts the default precision, which hls4ml gives to the float
+# layers' weights and to what bnfold cannot bound, holds at least 16 integer bits and the
+# chosen fractional bits. Measured: the logits of a QDense + BatchNormalization +
 # QActivation MLP then equal QKeras's bit for bit (hls4ml's own union default misses by
 # up to 0.04). Pass default_precision to choose another.
-FLOAT_TAIL_PRECISION = FixedPoint(33, 16, True)
+FLOAT_TAIL_INTEGER = 16
 _POOLING = ("MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool")
 # Ops whose output values are some of their input values: the input's type carries over.
 _SAME_VALUES = ("Reshape", "Flatten", "Transpose", "Squeeze", "MaxPool", "GlobalMaxPool")
 
 
 def prepare_for_hls4ml(
-    onnx_model: OnnxModel, *, default_precision: str | None = None, skip_softmax: bool = False
+    onnx_model: OnnxModel,
+    *,
+    default_precision: str | None = None,
+    skip_softmax: bool = False,
+    fractional_bits: int = FLOAT_FRACTIONAL_BITS,
 ) -> tuple[ModelWrapper, dict[str, Any]]:
     """The graph hls4ml reads and the hls4ml configuration for it, in one call.
 
@@ -77,14 +102,22 @@ def prepare_for_hls4ml(
         default_precision: hls4ml's model-wide default type, which it gives to every
             layer it cannot type itself; None for the union of every type in the model,
             which holds every value those layers can carry except wider sums, and, in a
-            model with float parts (``bnfold.float_tail``), of ``fixed<33,16>`` (16
-            integer and 16 fractional bits) for the layers that compute in float.
+            model with float parts (``bnfold.float_tail``), of a type with 16 integer
+            bits and ``fractional_bits`` (``fixed<33,17>`` by default) for what the
+            float layers hold that bnfold does not type (a float Dense's weights, a
+            batch normalization's scale and offset).
         skip_softmax: set hls4ml's ``skip`` option on every Softmax, so that the
             hardware outputs the logits (hls4ml's usual practice for a classifier
             whose argmax is taken in software; the logits are then bit-exact where
             the model computes them in fixed point). False keeps hls4ml's softmax,
             computed with lookup tables (its ``stable`` implementation), which
             approximates the float softmax.
+        fractional_bits: fractional bits of the types of values computed in float
+            (their integer bits hold their range), from 0 to 32. hls4ml truncates each
+            float layer's result to that grid, less than ``2**-fractional_bits`` off,
+            and an average over a window that is not a power of two to less than
+            ``1.25 * 2**-fractional_bits`` off the exact mean. More bits, closer
+            results and wider hardware.
 
     Returns:
         The cleaned ``qonnx.core.modelwrapper.ModelWrapper`` and the configuration
@@ -93,15 +126,30 @@ def prepare_for_hls4ml(
     Raises:
         ExportError: A weight Quant node has per-channel scales, which hls4ml 1.3.0
             cannot read, or a node's bnfold metadata is malformed.
+        ValueError: ``fractional_bits`` is not an int from 0 to 32.
     """
-    model = _scalar_quant_parameters(_average_pools_as_convolutions(_copy(onnx_model)))
+    if (
+        not isinstance(fractional_bits, int)
+        or isinstance(fractional_bits, bool)
+        or not (0 <= fractional_bits <= 32)
+    ):
+        raise ValueError(
+            f"fractional_bits must be an int from 0 to 32. Received: {fractional_bits!r}"
+        )
+    model = _explicit_alphas(_copy(onnx_model))
+    model = _scalar_quant_parameters(_average_pools_as_convolutions(model, fractional_bits))
     float_tail = any(entry.key == "bnfold.float_tail" for entry in model.model.metadata_props)
     cleaned = _qonnx_preprocessing(model)
-    return cleaned, _Config(cleaned).build(default_precision, skip_softmax, float_tail)
+    config = _Config(cleaned).build(default_precision, skip_softmax, float_tail, fractional_bits)
+    return cleaned, config
 
 
 def hls4ml_config(
-    onnx_model: OnnxModel, *, default_precision: str | None = None, skip_softmax: bool = False
+    onnx_model: OnnxModel,
+    *,
+    default_precision: str | None = None,
+    skip_softmax: bool = False,
+    fractional_bits: int = FLOAT_FRACTIONAL_BITS,
 ) -> dict[str, Any]:
     """An hls4ml configuration (granularity "name") with bnfold's fixed-point types.
 
@@ -119,6 +167,9 @@ def hls4ml_config(
       Quant node it feeds directly (hls4ml would merge that Quant into it). A MatMul's
       ``result`` stays ``auto``: hls4ml fuses the bias Add into its Dense layer only
       while that type is unset, and then infers a type that holds every value;
+    - a layer computing in float (not a MatMul): ``result`` holds its range with
+      ``fractional_bits`` fractional bits (see the module docstring); a rounded mean's
+      Conv also gets its exact ``accum``;
     - every other layer: ``result`` ``auto`` (and ``accum`` for pooling), as hls4ml's
       ``config_from_onnx_model`` writes it; Quant nodes set their own types.
 
@@ -126,6 +177,7 @@ def hls4ml_config(
         onnx_model: As for :func:`prepare_for_hls4ml`.
         default_precision: As for :func:`prepare_for_hls4ml`.
         skip_softmax: As for :func:`prepare_for_hls4ml`.
+        fractional_bits: As for :func:`prepare_for_hls4ml`.
 
     Returns:
         ``{"Model": {...}, "LayerName": {name: {"Precision": {...}}}}``, types in
@@ -135,7 +187,10 @@ def hls4ml_config(
         ExportError: As for :func:`prepare_for_hls4ml`.
     """
     return prepare_for_hls4ml(
-        onnx_model, default_precision=default_precision, skip_softmax=skip_softmax
+        onnx_model,
+        default_precision=default_precision,
+        skip_softmax=skip_softmax,
+        fractional_bits=fractional_bits,
     )[1]
 
 
@@ -156,6 +211,25 @@ def _copy(onnx_model: OnnxModel) -> ModelWrapper:
             dims[0].dim_value = 1
     del copy.graph.value_info[:]
     return ModelWrapper(copy)
+
+
+# ONNX's default ``alpha`` of the activations hls4ml reads with an ``alpha`` parameter.
+_ONNX_DEFAULT_ALPHA = {"Elu": 1.0, "LeakyRelu": 0.01, "ThresholdedRelu": 1.0}
+
+
+def _explicit_alphas(model: ModelWrapper) -> ModelWrapper:
+    """Each Elu, LeakyRelu and ThresholdedRelu with its ``alpha`` written out.
+
+    tf2onnx leaves out an ``alpha`` equal to ONNX's default, and hls4ml 1.3.0 reads a
+    missing one as 0.01 for all three. Measured: a Keras ``elu`` then came out of hls4ml
+    with negative values 100 times too small.
+    """
+    for node in model.graph.node:
+        default = _ONNX_DEFAULT_ALPHA.get(node.op_type)
+        if node.domain == "" and default is not None:
+            if not any(attribute.name == "alpha" for attribute in node.attribute):
+                node.attribute.append(helper.make_attribute("alpha", default))
+    return model
 
 
 def _qonnx_preprocessing(model: ModelWrapper) -> ModelWrapper:
@@ -231,7 +305,7 @@ def _quant_type(model: ModelWrapper, node: onnx.NodeProto | None) -> FixedPoint 
 # ------------------------------------------------------------------ average pooling
 
 
-def _average_pools_as_convolutions(model: ModelWrapper) -> ModelWrapper:
+def _average_pools_as_convolutions(model: ModelWrapper, fractional_bits: int) -> ModelWrapper:
     """Average pooling as depthwise Conv with ``1/n`` weights; Squeeze as Reshape."""
     from qonnx.transformation.infer_shapes import InferShapes
 
@@ -240,7 +314,7 @@ def _average_pools_as_convolutions(model: ModelWrapper) -> ModelWrapper:
     nodes = []
     for node in model.graph.node:
         if node.domain == "" and node.op_type in ("GlobalAveragePool", "AveragePool"):
-            nodes.extend(_pool_as_convolution(model, node, producers) or [node])
+            nodes.extend(_pool_as_convolution(model, node, producers, fractional_bits) or [node])
         elif node.domain == "" and node.op_type == "Squeeze":
             nodes.append(_squeeze_as_reshape(model, node))
         else:
@@ -251,9 +325,14 @@ def _average_pools_as_convolutions(model: ModelWrapper) -> ModelWrapper:
 
 
 def _pool_as_convolution(
-    model: ModelWrapper, node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]
+    model: ModelWrapper,
+    node: onnx.NodeProto,
+    producers: dict[str, onnx.NodeProto],
+    fractional_bits: int,
 ) -> list[onnx.NodeProto] | None:
-    """Quant(1/n weights) + depthwise Conv for one average, or None where not exact."""
+    """Quant(``1/n`` weights) + depthwise Conv for one average, or None where hls4ml
+    cannot compute it (padded or partial windows, or ``n`` not a power of two and an
+    input without a fixed-point type to size the weights by)."""
     shape = model.get_tensor_shape(node.input[0])
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     spatial = list(shape[2:])
@@ -266,16 +345,31 @@ def _pool_as_convolution(
         if any(attributes.get("pads", [])) or attributes.get("ceil_mode", 0):
             return None
     count = math.prod(kernel)
+    averaged = _value_type(model, node.input[0], producers)
     if count & (count - 1):
-        return None  # 1/n is not a power of two: no exact weight
+        if averaged is None:
+            return None
+        weight_type = _rounded_reciprocal_type(count, averaged, fractional_bits)
+        rounded = f"mean of {count} values with weights 1/{count} rounded to {weight_type}"
+        accumulator = averaged.product(weight_type).sum_of(count)
+    else:
+        # 1/n = 2**-shift, held exactly by a 1-bit Quant node; the mean of n values
+        # has the sum's range divided by n, and the step too.
+        shift = count.bit_length() - 1
+        weight_type, rounded = FixedPoint(1, 1 - shift, False), None
+        accumulator = averaged and FixedPoint(
+            averaged.bits + shift, averaged.integer, averaged.signed
+        )
     channels = shape[1]
     name = node.name or node.output[0]
     weight = f"{name}_average_weight"
-    values = np.full((channels, 1, *kernel), 1.0 / count, dtype=np.float32)
-    model.set_initializer(weight, values)
-    model.set_initializer(f"{weight}_scale", np.float32(1.0 / count))
+    model.set_initializer(
+        weight,
+        weight_type.quantize(np.full((channels, 1, *kernel), 1.0 / count)).astype(np.float32),
+    )
+    model.set_initializer(f"{weight}_scale", np.float32(weight_type.step))
     model.set_initializer(f"{weight}_zeropt", np.float32(0.0))
-    model.set_initializer(f"{weight}_bitwidth", np.float32(1.0))
+    model.set_initializer(f"{weight}_bitwidth", np.float32(weight_type.bits))
     layer = _metadata(node, "layer")
     quant = helper.make_node(
         "Quant",
@@ -299,13 +393,27 @@ def _pool_as_convolution(
         dilations=[1] * len(kernel),
     )
     _add_metadata(quant, layer=layer, role="kernel")
-    averaged = _value_type(model, node.input[0], producers)
-    if averaged is not None:
-        # The mean of n = 2**shift values: the sum's range divided by n, the step too.
-        shift = count.bit_length() - 1
-        averaged = FixedPoint(averaged.bits + shift, averaged.integer, averaged.signed)
-    _add_metadata(convolution, layer=layer, accumulator_hls=averaged and averaged.hls())
+    _add_metadata(
+        convolution,
+        layer=layer,
+        accumulator_hls=accumulator and accumulator.hls(),
+        rounded=rounded,
+    )
     return [quant, convolution]
+
+
+def _rounded_reciprocal_type(count: int, averaged: FixedPoint, fractional_bits: int) -> FixedPoint:
+    """The unsigned type of ``1/count`` rounded so that the mean is off by at most
+    ``2**-(fractional_bits + 2)``.
+
+    Each of the ``count`` weights is off by at most half a step, so the mean of values
+    up to ``m`` in magnitude is off by at most ``count * m * step / 2``; the step is
+    chosen to keep that within a quarter of the result's step, ``2**-fractional_bits``.
+    """
+    magnitude = max(abs(averaged.min), abs(averaged.max))
+    weight_fraction = fractional_bits + 1 + math.ceil(math.log2(count * magnitude))
+    code = round(math.ldexp(1.0 / count, weight_fraction))
+    return FixedPoint(code.bit_length(), code.bit_length() - weight_fraction, False)
 
 
 def _value_type(
@@ -327,6 +435,170 @@ def _squeeze_as_reshape(model: ModelWrapper, node: onnx.NodeProto) -> onnx.NodeP
     )
     reshape.metadata_props.extend(node.metadata_props)
     return reshape
+
+
+# ------------------------------------------------------------ ranges of float values
+
+# Elementwise ops whose output does not decrease as their input grows: over an input
+# range, the output's range is the op at the ends of it (and at 0, where that is inside).
+_MONOTONE = (
+    "Relu",
+    "LeakyRelu",
+    "ThresholdedRelu",
+    "Elu",
+    "Selu",
+    "Sigmoid",
+    "HardSigmoid",
+    "Tanh",
+    "Softplus",
+    "Softsign",
+)
+# Ops whose outputs lie within their input's range (some of its values, or means of them).
+_WITHIN = (*_SAME_VALUES, "AveragePool", "GlobalAveragePool")
+# Ops that keep a fixed-point input fixed point, on the same grid.
+_KEEPS_GRID = (*_SAME_VALUES, "Relu", "Pad", "Concat", "Add")
+
+Range = tuple[float, float]
+
+
+class _Ranges:
+    """The range of every tensor of a graph, by interval arithmetic from its Quant nodes
+    and constants, and which tensors hold fixed-point values the export computes exactly.
+
+    A tensor gets no range where an op's rule is missing here (``Exp``, ``Cast``, ...), or
+    where it reads such a tensor; hls4ml then types it itself.
+    """
+
+    def __init__(self, model: ModelWrapper) -> None:
+        self.model = model
+        self.producers = {output: node for node in model.graph.node for output in node.output}
+        self.ranges: dict[str, Range] = {}
+        self.exact: set[str] = set()
+        for node in model.graph.node:
+            self.visit(node)
+
+    def constant(self, tensor: str) -> np.ndarray | None:
+        """A constant's values, read through a Quant node of constant input (weights)."""
+        values = self.model.get_initializer(tensor)
+        if values is None:
+            producer = self.producers.get(tensor)
+            if producer is not None and producer.op_type == "Quant":
+                values = self.model.get_initializer(producer.input[0])
+        return None if values is None else np.asarray(values, dtype=np.float64)
+
+    def of(self, tensor: str) -> Range | None:
+        values = self.constant(tensor)
+        if values is not None and values.size:
+            return float(values.min()), float(values.max())
+        return self.ranges.get(tensor)
+
+    def visit(self, node: onnx.NodeProto) -> None:
+        output = node.output[0]
+        if node.op_type == "Quant":
+            fixed = _quant_type(self.model, node)
+            if fixed is not None:
+                self.ranges[output] = (fixed.min, fixed.max)
+                self.exact.add(output)
+            return
+        if node.op_type in ("Conv", "MatMul"):
+            keeps_grid = bool(_metadata(node, "accumulator_hls")) and not _metadata(node, "rounded")
+        else:
+            keeps_grid = node.op_type in _KEEPS_GRID
+        read = node.input if node.op_type in ("Add", "Concat") else node.input[:1]
+        if keeps_grid and all(name in self.exact for name in read):
+            self.exact.add(output)
+        inputs = [self.of(name) for name in node.input if name]
+        if not inputs or any(value is None for value in inputs):
+            return
+        computed = self.compute(node, inputs)
+        if computed is not None and all(map(math.isfinite, computed)):
+            self.ranges[output] = computed
+
+    def compute(self, node: onnx.NodeProto, inputs: list[Range]) -> Range | None:
+        """The output's range from the inputs' ranges; None where there is no rule."""
+        op = node.op_type
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if op == "Concat":
+            return _hull(inputs)
+        if op == "Pad":
+            return _hull([inputs[0], (0.0, 0.0)])
+        if op in _WITHIN:
+            return inputs[0]
+        if op == "Softmax":
+            return 0.0, 1.0
+        if op in _MONOTONE:
+            low, high = inputs[0]
+            ends = _through(node, [low, min(max(0.0, low), high), high])
+            return float(ends.min()), float(ends.max())
+        if op in ("Conv", "MatMul"):
+            weights = self.constant(node.input[1])
+            if weights is None:
+                return None
+            bias = self.constant(node.input[2]) if len(node.input) > 2 else None
+            return _multiply_accumulate(inputs[0], weights, bias, 0 if op == "MatMul" else None)
+        if op == "BatchNormalization":
+            scale, offset, mean, variance = (self.constant(name) for name in node.input[1:5])
+            if scale is None or offset is None or mean is None or variance is None:
+                return None
+            factor = scale / np.sqrt(variance + attributes.get("epsilon", 1e-5))
+            low, high = inputs[0]
+            ends = np.stack([factor * low, factor * high]) + (offset - mean * factor)
+            return float(ends.min()), float(ends.max())
+        (a, b), (c, d) = inputs[0], inputs[-1]
+        if op == "Add":
+            return a + c, b + d
+        if op == "Sub":
+            return a - d, b - c
+        if op == "Mul":
+            products = (a * c, a * d, b * c, b * d)
+            return min(products), max(products)
+        if op == "Min":
+            return min(a, c), min(b, d)
+        if op == "Max":
+            return max(a, c), max(b, d)
+        return None
+
+
+def _hull(ranges: list[Range]) -> Range:
+    return min(low for low, _ in ranges), max(high for _, high in ranges)
+
+
+def _through(node: onnx.NodeProto, values: list[float]) -> np.ndarray:
+    """``node``'s elementwise op applied to ``values`` (ONNX's reference implementation)."""
+    from onnx.reference import ReferenceEvaluator
+
+    single = helper.make_node(node.op_type, ["x"], ["y"])
+    single.attribute.extend(node.attribute)
+    shape = [len(values)]
+    graph = helper.make_graph(
+        [single],
+        "range",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, shape)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, shape)],
+    )
+    evaluator = ReferenceEvaluator(helper.make_model(graph))
+    return np.asarray(evaluator.run(None, {"x": np.asarray(values, dtype=np.float64)})[0])
+
+
+def _multiply_accumulate(
+    value: Range, weights: np.ndarray, bias: np.ndarray | None, summed_axis: int | None
+) -> Range:
+    """The range of sums of weight times input, plus bias, for inputs in ``value``.
+
+    Per output: each product lies between the weight times either end of the input's
+    range, and 0 stands for a padded position. ``summed_axis`` 0 is a MatMul's weight
+    (inputs x outputs); None a Conv's (outputs first, every other axis summed).
+    """
+    low, high = value
+    ends = np.stack([weights * low, weights * high, np.zeros_like(weights)])
+    if summed_axis is None:
+        axes = tuple(range(1, weights.ndim))
+        lows, highs = ends.min(0).sum(axes), ends.max(0).sum(axes)
+    else:
+        lows, highs = ends.min(0).sum(summed_axis), ends.max(0).sum(summed_axis)
+    if bias is not None:
+        lows, highs = lows + bias, highs + bias
+    return float(lows.min()), float(highs.max())
 
 
 # -------------------------------------------------------------------- the configuration
@@ -352,9 +624,14 @@ class _Config:
         return fixed.hls4ml_precision(quantizing=quantizing)
 
     def build(
-        self, default_precision: str | None, skip_softmax: bool, float_tail: bool
+        self,
+        default_precision: str | None,
+        skip_softmax: bool,
+        float_tail: bool,
+        fractional_bits: int,
     ) -> dict[str, Any]:
-        self.float_tail = float_tail
+        self.ranges = _Ranges(self.model)
+        self.float_step = math.ldexp(1.0, -fractional_bits)
         layers: dict[str, dict[str, Any]] = {}
         for tensor in self.model.graph.input:
             quants = [
@@ -370,6 +647,7 @@ class _Config:
                 precision.update(self.mac(node))
             elif node.op_type in _POOLING:
                 precision["accum"] = "auto"
+            precision["result"] = self.float_result(node) or precision["result"]
             layers[node.name] = {"Precision": precision}
             if node.op_type == "Softmax":
                 layers[node.name]["skip"] = skip_softmax
@@ -377,8 +655,9 @@ class _Config:
             self.typed(_quant_type(self.model, node))
         if default_precision is None:
             default_precision = FALLBACK_PRECISION
-            if self.float_tail:
-                self.types.append(FLOAT_TAIL_PRECISION)
+            if float_tail:
+                width = FLOAT_TAIL_INTEGER + 1 + fractional_bits
+                self.types.append(FixedPoint(width, FLOAT_TAIL_INTEGER, True))
             if self.types:
                 union = self.types[0]
                 for fixed in self.types[1:]:
@@ -425,6 +704,25 @@ class _Config:
             if node.op_type == "Conv":
                 precision["result"] = self.conv_result(output) or precision["accum"]
         return {key: value for key, value in precision.items() if value is not None}
+
+    def float_result(self, node: onnx.NodeProto) -> str | None:
+        """For a layer computing in float: a type holding its outputs' range, on the grid
+        of the chosen fractional bits; None for every other layer.
+
+        A MatMul's result stays unset (see :func:`hls4ml_config`): hls4ml infers it from
+        its input type, exactly. A Conv that feeds an activation Quant alone takes that
+        Quant's type (:meth:`conv_result`).
+        """
+        output = node.output[0]
+        if (
+            node.op_type in ("Quant", "MatMul")
+            or output in self.ranges.exact
+            or output not in self.ranges.ranges
+            or (node.op_type == "Conv" and self.conv_result(output))
+        ):
+            return None
+        low, high = self.ranges.ranges[output]
+        return self.typed(FixedPoint.narrowest_holding(low, high, self.float_step))
 
     def producer(self, node: onnx.NodeProto, index: int) -> onnx.NodeProto | None:
         return self.producers.get(node.input[index]) if len(node.input) > index else None

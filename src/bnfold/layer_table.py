@@ -26,6 +26,7 @@ Export kinds (``LayerSpec.export``), one method each in the strip stage:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,9 @@ class LayerSpec:
         type_rule: the output type from the input types; None for MAC layers,
             which are typed from their weights.
         mac: where a MAC layer keeps its kernels; None for other layers.
+        computes: for a layer that is an activation or normalization itself, the
+            function it computes as the per-layer table names it (``activation``
+            column), e.g. ``leaky_relu(alpha=0.2)``; None for other layers.
     """
 
     name: str
@@ -94,6 +98,7 @@ class LayerSpec:
     finn: str
     type_rule: typerules.TypeRule | None = None
     mac: MacLayerType | None = None
+    computes: Callable[[Any], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,15 @@ class ActivationFunction:
 
 
 _MOVES = "yes"
-_UNTESTED = "every op has a handler; untested"
+_SWISH = "yes (its sigmoid from a 1024-entry table: within abs(x)/256)"
+# hls4ml's tables span inputs in [-8, 8); measured after a QDense with outputs in [-20.5, 21.1].
+_SATURATING = "for inputs in [-8, 8) (its table stays at its value at 8 beyond: %g off at x = 21)"
+
+
+def _table(measured: float) -> str:
+    return f"yes (lookup table; measured within {measured:g})"
+
+
 _FLOAT_OP = "no (float op, left to software)"
 
 
@@ -153,21 +166,58 @@ def _no_handler(*ops: str) -> str:
     return f"no (no handler for {', '.join(ops)})"
 
 
-def _float(name: str, onnx: str, hls4ml: str, export: str = "copy") -> LayerSpec:
+def _float(
+    name: str, onnx: str, hls4ml: str, computes: Callable[[Any], str], export: str = "copy"
+) -> LayerSpec:
     return LayerSpec(
-        name, export, onnx, "float", hls4ml, _FLOAT_OP, type_rule=typerules.float_output
+        name,
+        export,
+        onnx,
+        "float",
+        hls4ml,
+        _FLOAT_OP,
+        type_rule=typerules.float_output,
+        computes=computes,
     )
 
 
 _FINN_UNMEASURED = "not measured (FINN does not run here)"
 _PAD_1D = "no (hls4ml 1.3.0 mis-shapes a 1-D Pad: the next Reshape's shapes differ)"
+
+
+def _call(function: str, layer: Any, **defaults: Any) -> str:
+    """``function(setting=value, ...)`` for the settings of ``layer`` that differ from
+    ``defaults``; ``function`` alone when none does."""
+    settings = []
+    for key, default in defaults.items():
+        value = getattr(layer, key, default)
+        if value is not None and not isinstance(value, str | int):
+            value = float(value)  # Keras keeps some settings as NumPy scalars
+        if value != default:
+            settings.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    return f"{function}({', '.join(settings)})" if settings else function
+
+
+def _batchnorm(layer: Any) -> str:
+    text = _call("batchnorm", layer, epsilon=1e-3)
+    quantizers = [
+        f"{name}={quantizer}"
+        for name in ("gamma", "beta", "mean", "variance")
+        if (quantizer := getattr(layer, f"{name}_quantizer", None)) is not None
+    ]
+    return f"{text}, quantized {', '.join(quantizers)}" if quantizers else text
+
+
 _NO_CONV1D = "no (hls4ml 1.3.0 reads no 1-D Conv from ONNX)"
 # A separable convolution is a depthwise, then a pointwise convolution.
 _SEPARABLE = "Conv (group) + Conv (1x1)"
 _SEPARABLE_1D = "Conv (group) + Conv (1-D, the second 1-wide)"
 _SEPARABLE_HLS4ML = "yes, depth_multiplier 1"
 _NO_TRANSPOSE = "no (hls4ml 1.3.0 reads no transposed convolution, from ONNX or Keras)"
-_AVERAGE = "yes, as a depthwise Conv, when the window is a power of two and unpadded"
+_AVERAGE = (
+    "yes, as a depthwise Conv, when unpadded: exact over a power-of-two window, else its "
+    "weights 1/n rounded (see hls4ml below)"
+)
 _BATCHNORM = (
     "BatchNormalization (4-D); Mul + Add (2-D)",
     "yes (BatchNormOnnx; Mul + Add with constants become ApplyAlpha)",
@@ -235,6 +285,7 @@ LAYERS: dict[str, LayerSpec] = {
             "see the function",
             "see the function",
             type_rule=typerules.activation,
+            computes=lambda layer: getattr(layer.activation, "__name__", str(layer.activation)),
         ),
         LayerSpec(
             "ReLU",
@@ -244,14 +295,31 @@ LAYERS: dict[str, LayerSpec] = {
             "yes without max_value (" + _no_handler("Clip") + ")",
             "yes without options",
             type_rule=typerules.relu_layer,
+            computes=lambda layer: _call(
+                "relu", layer, max_value=None, negative_slope=0.0, threshold=0.0
+            ),
         ),
-        _float("Softmax", "Softmax", "yes"),
-        _float("LeakyReLU", "LeakyRelu", "yes"),
-        _float("ELU", "Elu (alpha 1); Elu, Greater, Not, Cast, Mul, Add otherwise", "alpha 1 only"),
-        _float("PReLU", "Relu, Neg, Mul, Add", _no_handler("Neg")),
-        _float("ThresholdedReLU", "ThresholdedRelu", "yes"),
-        _float("BatchNormalization", *_BATCHNORM[:2], export="batchnorm"),
-        _float("QBatchNormalization", *_BATCHNORM[:2], export="batchnorm"),
+        _float("Softmax", "Softmax", "yes", lambda layer: _call("softmax", layer, axis=-1)),
+        _float(
+            "LeakyReLU", "LeakyRelu", "yes", lambda layer: _call("leaky_relu", layer, alpha=0.0)
+        ),
+        _float(
+            "ELU",
+            "Elu (alpha 1); Elu, Greater, Not, Cast, Mul, Add otherwise",
+            "alpha 1 only",
+            lambda layer: _call("elu", layer, alpha=0.0),
+        ),
+        _float(
+            "PReLU", "Relu, Neg, Mul, Add", _no_handler("Neg"), lambda _: "prelu (learned slopes)"
+        ),
+        _float(
+            "ThresholdedReLU",
+            "ThresholdedRelu",
+            "yes",
+            lambda layer: _call("thresholded_relu", layer, theta=0.0),
+        ),
+        _float("BatchNormalization", *_BATCHNORM[:2], _batchnorm, export="batchnorm"),
+        _float("QBatchNormalization", *_BATCHNORM[:2], _batchnorm, export="batchnorm"),
         *(
             _plain(name, typerules.same, onnx, hls4ml)
             for name, onnx, hls4ml in (
@@ -379,16 +447,24 @@ ACTIVATION_FUNCTIONS: dict[str, ActivationFunction] = {
     for function in (
         ActivationFunction("linear", "(nothing)", "exact", "yes", "yes"),
         ActivationFunction("relu", "Relu", "exact", "yes", "yes"),
-        ActivationFunction("softmax", "Softmax", "float", "yes", _FLOAT_OP),
-        ActivationFunction("sigmoid", "Sigmoid", "float", "yes", _FLOAT_OP),
-        ActivationFunction("tanh", "Tanh", "float", "yes", _FLOAT_OP),
-        ActivationFunction("hard_sigmoid", "Mul, Add, Min, Max", "float", _UNTESTED, _FLOAT_OP),
-        ActivationFunction("softplus", "Softplus", "float", "yes", _FLOAT_OP),
-        ActivationFunction("softsign", "Softsign", "float", "yes", _FLOAT_OP),
-        ActivationFunction("elu", "Elu", "float", "yes", _FLOAT_OP),
-        ActivationFunction("selu", "Selu", "float", "yes", _FLOAT_OP),
-        ActivationFunction("swish", "Mul, Sigmoid, Mul", "float", _UNTESTED, _FLOAT_OP),
-        ActivationFunction("silu", "Mul, Sigmoid, Mul", "float", _UNTESTED, _FLOAT_OP),
+        ActivationFunction(
+            "softmax", "Softmax", "float", "yes (lookup tables; see hls4ml below)", _FLOAT_OP
+        ),
+        ActivationFunction("sigmoid", "Sigmoid", "float", _table(0.0044), _FLOAT_OP),
+        ActivationFunction("tanh", "Tanh", "float", _table(0.0067), _FLOAT_OP),
+        ActivationFunction(
+            "hard_sigmoid",
+            "Mul, Add, Min, Max",
+            "float",
+            "no (Min and Max with a constant fail in its precision inference)",
+            _FLOAT_OP,
+        ),
+        ActivationFunction("softplus", "Softplus", "float", _SATURATING % 13, _FLOAT_OP),
+        ActivationFunction("softsign", "Softsign", "float", _SATURATING % 0.066, _FLOAT_OP),
+        ActivationFunction("elu", "Elu", "float", _table(0.0039), _FLOAT_OP),
+        ActivationFunction("selu", "Selu", "float", _table(0.0076), _FLOAT_OP),
+        ActivationFunction("swish", "Mul, Sigmoid, Mul", "float", _SWISH, _FLOAT_OP),
+        ActivationFunction("silu", "Mul, Sigmoid, Mul", "float", _SWISH, _FLOAT_OP),
         ActivationFunction("exponential", "Exp", "float", _no_handler("Exp"), _FLOAT_OP),
         ActivationFunction("relu6", "Clip", "float", _no_handler("Clip"), _FLOAT_OP),
     )

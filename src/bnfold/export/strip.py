@@ -335,8 +335,10 @@ class _Stripper:
                     zip(tensors, inputs, after_float, strict=True)
                 )
             ]
-        export = getattr(self, f"_{layer_spec(layer).export}")
-        return [export(layer, tensors, path, record)]
+        spec = layer_spec(layer)
+        if spec.computes is not None:
+            record.activation = spec.computes(layer)
+        return [getattr(self, f"_{spec.export}")(layer, tensors, path, record)]
 
     def _starts_float_tail(self, path: str) -> bool:
         """Whether the layer's output is float while an input is fixed point.

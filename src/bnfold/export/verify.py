@@ -31,6 +31,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 
 from bnfold.errors import VerificationError
+from bnfold.export import standard_ops
 from bnfold.fixedpoint import FixedPoint
 from bnfold.graph import propagate
 from bnfold.keras import keras, tf
@@ -205,8 +206,18 @@ def _channels_last_order(model: onnx.ModelProto, name: str) -> list[int] | None:
     return None
 
 
+# What ``verify`` records as its executor: the standard-op copy in one onnxruntime
+# session, or qonnx's executor for a graph that copy cannot express.
+ONE_SESSION = "onnxruntime, Quant as standard ops (bnfold.export.standard_ops)"
+QONNX_EXECUTOR = "qonnx.core.onnx_exec.execute_onnx"
+
+
 def qonnx_outputs(
-    model: Any, inputs: Sequence[np.ndarray], tensors: Sequence[str] = ()
+    model: Any,
+    inputs: Sequence[np.ndarray],
+    tensors: Sequence[str] = (),
+    *,
+    one_session: bool = False,
 ) -> list[np.ndarray]:
     """QONNX execution (Quant nodes included) of ``model`` on all samples in one run.
 
@@ -216,24 +227,42 @@ def qonnx_outputs(
         inputs: one array per graph input, samples along the first axis, in
             Keras's channels-last layout (transposed here for a channels-first input).
         tensors: intermediate tensors to return after the outputs, as ONNX computes them.
+        one_session: run the graph with its Quant nodes as standard ops in one
+            onnxruntime session (``bnfold.export.standard_ops``) where it can be
+            written so; False, or a graph it cannot express: qonnx's executor,
+            one onnxruntime session per node.
 
     Returns:
         One array per graph output, channels-last, then one per tensor, samples along
         the first axis.
     """
+    return _outputs(model, inputs, tensors, one_session)[0]
+
+
+def _outputs(
+    model: Any, inputs: Sequence[np.ndarray], tensors: Sequence[str], one_session: bool
+) -> tuple[list[np.ndarray], str]:
+    """``qonnx_outputs``, and which executor ran."""
     proto = model.model if isinstance(model, ModelWrapper) else model
-    batched = _IndexedModel(_with_batch(proto, len(inputs[0])))
+    batched = _with_batch(proto, len(inputs[0]))
     feed = {}
     for tensor, values in zip(batched.graph.input, inputs, strict=True):
         order = _channels_last_order(proto, tensor.name)
         feed[tensor.name] = values if order is None else values.transpose(np.argsort(order))
-    executed = execute_onnx(batched, feed, return_full_exec_context=bool(tensors))
+    standard = standard_ops.as_standard_ops(batched) if one_session else None
+    if standard is not None:
+        executed, executor = standard_ops.run(standard, feed, tensors), ONE_SESSION
+    else:
+        executed = execute_onnx(
+            _IndexedModel(batched), feed, return_full_exec_context=bool(tensors)
+        )
+        executor = QONNX_EXECUTOR
     outputs = []
     for tensor in batched.graph.output:
         order = _channels_last_order(proto, tensor.name)
         values = executed[tensor.name]
         outputs.append(values if order is None else values.transpose(order))
-    return outputs + [executed[name] for name in tensors]
+    return outputs + [executed[name] for name in tensors], executor
 
 
 def _float_tail(onnx_model: onnx.ModelProto) -> dict[str, Any]:
@@ -367,7 +396,9 @@ def verify(
     expected = [np.asarray(values) for values in tf.nest.flatten(expected)]
     if boundaries:
         expected += _keras_boundaries(model, quantized, boundaries)
-    actual = qonnx_outputs(onnx_model, inputs, [b["tensor"] for b in boundaries])
+    actual, executor = _outputs(
+        onnx_model, inputs, [b["tensor"] for b in boundaries], one_session=True
+    )
     names = [tensor.name for tensor in onnx_model.graph.output]
     names += [f"{b['tensor']} (read by float layer {b['layer']!r})" for b in boundaries]
     samples = len(inputs[0])
@@ -399,7 +430,7 @@ def verify(
         {
             "samples": samples,
             "max_difference": exact if floats is None else max(exact, floats),
-            "executor": "qonnx.core.onnx_exec.execute_onnx",
+            "executor": executor,
         }
         | ({"exact_difference": exact, "tolerance": limit} if floats is not None else {})
     )
