@@ -23,7 +23,7 @@ from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.keras import keras, qkeras
 from bnfold.typerules import Untyped
-from test_hls4ml import _hls4ml_predictions
+from hls4ml_runs import hls4ml_predictions
 
 SOURCE = builders.INPUT_QUANTIZER
 KERNEL = "quantized_bits(4,0,1,alpha=1)"
@@ -131,5 +131,5 @@ def test_the_quantized_reciprocal_is_a_mul_after_the_count(exported):
 def test_hls4ml_predicts_the_qkeras_global_average_bit_for_bit(tmp_path):
     """hls4ml 1.3.0 reads the global average and its two Muls; with a 2x2
     QAveragePooling2D its C simulation differs (measured: up to 6.8), as the README says."""
-    predicted, expected, _ = _hls4ml_predictions(MODELS["global_8x8"](), False, tmp_path)
+    predicted, expected, _ = hls4ml_predictions(MODELS["global_8x8"](), False, tmp_path)
     np.testing.assert_array_equal(predicted, expected)

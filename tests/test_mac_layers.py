@@ -21,7 +21,7 @@ from bnfold.accumulator import mac_types
 from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.keras import keras, qkeras
-from test_hls4ml import _hls4ml_predictions
+from hls4ml_runs import hls4ml_predictions
 
 SOURCE = builders.INPUT_QUANTIZER
 # Plain Keras weights on this grid are read as fixed point.
@@ -262,5 +262,5 @@ def test_hls4ml_predicts_the_qkeras_separable_outputs_bit_for_bit(tmp_path):
     its ONNX front end reads no 1-D Conv, so only the first layer of separable_2d."""
     full = separable_2d()
     model = keras.Model(full.input, full.get_layer("sep").output)
-    predicted, expected, _ = _hls4ml_predictions(model, False, tmp_path)
+    predicted, expected, _ = hls4ml_predictions(model, False, tmp_path)
     np.testing.assert_array_equal(predicted, expected)
