@@ -57,12 +57,19 @@ MODEL_NAMES = (
     "tutorial_cnn",
     "softmax_batchnorm_mlp",
     "binary_ternary_po2",
+    "separable_gap",
 )
 MODEL_LEVEL = "(model)"
 MISSING = "<missing>"
 # Sections of the JSON files whose keys are layer paths, so a difference names its layer.
 _LAYER_SECTIONS = ("inputs", "outputs", "layers", "accumulators", "bias_quantizers")
-_QUANTIZER_ATTRIBUTES = ("kernel_quantizer", "depthwise_quantizer", "bias_quantizer")
+_QUANTIZER_ATTRIBUTES = (
+    "kernel_quantizer",
+    "depthwise_quantizer",
+    "pointwise_quantizer",
+    "bias_quantizer",
+    "average_quantizer",
+)
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # A zip member's timestamp; fixed so that unchanged contents give identical bytes.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -163,7 +170,7 @@ def _type_fields(mac: Any, exact: Any) -> dict[str, str]:
     types = mac.types
     if types is None:
         return {"untyped": mac.untyped, "products_summed": mac.weights.products}
-    return {
+    fields = {
         "input": types.input.quantizer_string(),
         "sum_of_products": types.sum_of_products.quantizer_string(),
         "accumulator": types.accumulator.quantizer_string(),
@@ -171,6 +178,15 @@ def _type_fields(mac: Any, exact: Any) -> dict[str, str]:
         "exact_accumulator": exact.types.accumulator.quantizer_string(),
         "products_summed": mac.weights.products,
     }
+    if types.before is not None:
+        # A separable convolution's depthwise MAC, whose sums the fields above multiply.
+        fields |= {
+            "depthwise_input": types.before.input.quantizer_string(),
+            "depthwise_accumulator": types.before.accumulator.quantizer_string(),
+            "depthwise_exact_accumulator": exact.types.before.accumulator.quantizer_string(),
+            "depthwise_products_summed": mac.weights.before.products,
+        }
+    return fields
 
 
 def record(loaded: Loaded) -> dict[str, Any]:

@@ -326,6 +326,36 @@ def softmax_batchnorm_mlp() -> keras.Model:
     return keras.Model(features, x, name="softmax_batchnorm_mlp")
 
 
+def separable_gap() -> keras.Model:
+    """A depthwise-separable CNN: a folded stem, QSeparableConv2D blocks (one with a depth
+    multiplier of 2), a QGlobalAveragePooling2D with an average_quantizer, a QDense head."""
+    image = keras.Input((8, 8, 3), name="image")
+    x = _conv(8, 3, "stem", activation="quantized_relu(6,3)")(image)
+    for block, multiplier in ((1, 1), (2, 2)):
+        x = qkeras.QSeparableConv2D(
+            8,
+            3,
+            padding="same",
+            depth_multiplier=multiplier,
+            depthwise_quantizer="quantized_bits(6,0,1)",  # auto_po2 inside the layer
+            pointwise_quantizer="quantized_bits(6,0,1,alpha=1)",
+            bias_quantizer="quantized_bits(10,3,1,alpha=1)",
+            activation="quantized_relu(6,3)",
+            name=f"sep{block}",
+        )(x)
+    x = qkeras.QGlobalAveragePooling2D(  # 8x8: a power of two
+        average_quantizer="quantized_bits(8,0,1)", name="pool"
+    )(x)
+    x = qkeras.QActivation("quantized_bits(8,3,1)", name="pool_q")(x)
+    logits = qkeras.QDense(
+        4,
+        kernel_quantizer="quantized_bits(8,0,1,alpha=1)",
+        bias_quantizer="quantized_bits(10,3,1,alpha=1)",
+        name="logits",
+    )(x)
+    return keras.Model(image, logits, name="separable_gap")
+
+
 MODELS: dict[str, GoldenModel] = {
     "resnet_tiny": GoldenModel(resnet_tiny, ("quantized_bits(8,3,1,alpha=1)",), 8),
     "kws_dscnn": GoldenModel(kws_dscnn, ("quantized_bits(8,4,1,alpha=1)",), 8),
@@ -341,6 +371,7 @@ MODELS: dict[str, GoldenModel] = {
         softmax_batchnorm_mlp, ("quantized_bits(8,3,1,alpha=1)",), 16
     ),
     "binary_ternary_po2": GoldenModel(binary_ternary_po2, ("quantized_bits(8,3,1,alpha=1)",), 8),
+    "separable_gap": GoldenModel(separable_gap, ("quantized_bits(8,3,1,alpha=1)",), 8),
 }
 
 
@@ -354,7 +385,7 @@ def _rng(name: str, stream: int) -> np.random.Generator:
 
 def _initial_values(weight: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Seeded values by weight name: kernels scaled by fan-in, statistics that make folding move."""
-    if weight in ("kernel", "depthwise_kernel"):
+    if weight in ("kernel", "depthwise_kernel", "pointwise_kernel"):
         summed = shape[:2] if weight == "depthwise_kernel" else shape[:-1]
         values = rng.normal(0.0, 1.0 / np.sqrt(np.prod(summed)), shape)
     elif weight == "gamma":  # some negative: folding then flips a channel's sign

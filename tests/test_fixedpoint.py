@@ -11,8 +11,9 @@ import pytest
 from qonnx.core.datatype import DataType
 from qonnx.custom_op.general.intquant import int_quant
 
-from bnfold.fixedpoint import FixedPoint, QuantizerError, as_quantizer, parse_quantizer
+from bnfold.fixedpoint import FixedPoint, QuantizerError
 from bnfold.keras import keras, qkeras, quantizers, tf
+from bnfold.quantizer_table import as_quantizer, parse_quantizer
 
 
 def _apply(quantizer, values: np.ndarray) -> np.ndarray:

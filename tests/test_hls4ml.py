@@ -9,7 +9,6 @@ model is compiled once per module; resnet_tiny takes about a minute, the others 
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import sys
@@ -34,6 +33,7 @@ from bnfold.fixedpoint import FixedPoint
 from bnfold.hls4ml import convert_from_keras_model, hls4ml_config, prepare_for_hls4ml
 from bnfold.keras import keras, qkeras
 from bnfold.mac import quantized_weights
+from hls4ml_runs import compiled_hls4ml, hls4ml_model, hls4ml_predictions
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 # An MLP, a conv net with skip connections, a depthwise-separable net, two inputs and outputs,
@@ -77,7 +77,6 @@ def _outputs(values) -> list[np.ndarray]:
 @pytest.fixture(scope="module", params=HLS4ML_MODELS)
 def compiled(request, tmp_path_factory):
     """One golden model through hls4ml, compiled once."""
-    import hls4ml
 
     name = request.param
     model, sources, inputs = golden(name)
@@ -85,13 +84,7 @@ def compiled(request, tmp_path_factory):
         model, source_quantizers=sources, per_channel_scales=False, verify=False
     )
     cleaned, config = prepare_for_hls4ml(onnx_model)
-    hls_model = hls4ml.converters.convert_from_onnx_model(
-        cleaned,
-        output_dir=str(tmp_path_factory.mktemp(name) / "hls4ml_prj"),
-        backend="Vitis",
-        io_type="io_parallel",
-        hls_config=copy.deepcopy(config),  # hls4ml adds the names of the layers it makes
-    )
+    hls_model = hls4ml_model(cleaned, config, tmp_path_factory.mktemp(name))
     hls_model.compile()
     return SimpleNamespace(
         name=name,
@@ -385,47 +378,13 @@ def test_cli_fractional_bits_reach_the_config(tmp_path):
 # ------------------------------------------------------------------------ float tails
 
 
-def compiled_hls4ml(onnx_model, directory, **options):
-    """``prepare_for_hls4ml`` (with ``options``), then hls4ml's conversion, compiled."""
-    import hls4ml
-
-    cleaned, config = prepare_for_hls4ml(onnx_model, **options)
-    hls_model = hls4ml.converters.convert_from_onnx_model(
-        cleaned,
-        output_dir=str(directory / "hls4ml_prj"),
-        backend="Vitis",
-        io_type="io_parallel",
-        hls_config=copy.deepcopy(config),
-    )
-    hls_model.compile()
-    return hls_model
-
-
-def _hls4ml_predictions(model, skip_softmax, directory, samples=32, **options):
-    """``model`` exported, through hls4ml (compiled), its predictions and the QKeras logits
-    (the input of a final softmax, else the outputs)."""
-    sources = [builders.INPUT_QUANTIZER]
-    onnx_model = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
-    bnfold.populate_bias_quantizer_from_accumulator(model, sources)
-    inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], samples)
-    hls_model = compiled_hls4ml(onnx_model, directory, skip_softmax=skip_softmax, **options)
-    predicted = hls_model.predict(np.ascontiguousarray(inputs[0]))
-    expected = model.predict(inputs, verbose=0)
-    last = model.layers[-1]
-    if isinstance(last, keras.layers.Activation) and last.get_config()["activation"] == "softmax":
-        logits = keras.Model(model.input, last.input).predict(inputs, verbose=0)
-    else:
-        logits = expected
-    return np.reshape(predicted, expected.shape), expected, logits
-
-
 @pytest.fixture(scope="module")
 def softmax_classifier(tmp_path_factory):
     """A classifier computed in fixed point up to its softmax, through hls4ml twice:
     with hls4ml's softmax, and with it skipped (the hardware outputs the logits)."""
     model = builders.softmax_classifier()
     return {
-        skip: _hls4ml_predictions(model, skip, tmp_path_factory.mktemp(f"softmax_{skip}"))
+        skip: hls4ml_predictions(model, skip, tmp_path_factory.mktemp(f"softmax_{skip}"))
         for skip in (False, True)
     }
 
@@ -452,7 +411,7 @@ def test_hls4ml_reads_standalone_batchnorm_and_gives_the_logits_bit_for_bit(name
     """QDense + BatchNormalization (or QBatchNormalization) + QActivation: the batch
     normalization computes in the types prepare_for_hls4ml gives float parts."""
     model = builders.FLOAT_TAIL_BUILDERS[name]()
-    predicted, _, logits = _hls4ml_predictions(model, True, tmp_path)
+    predicted, _, logits = hls4ml_predictions(model, True, tmp_path)
     np.testing.assert_array_equal(predicted, logits)
 
 
@@ -460,7 +419,7 @@ def test_hls4ml_reads_standalone_batchnorm_and_gives_the_logits_bit_for_bit(name
 def test_hls4ml_reads_the_tutorial_cnn_with_its_float_dense_output(tmp_path):
     """QConv2D + BatchNormalization blocks and a float Dense output layer: hls4ml computes
     the float layers in the widened default precision (measured: logits within 2.8e-4)."""
-    predicted, _, logits = _hls4ml_predictions(builders.tutorial_cnn(), True, tmp_path)
+    predicted, _, logits = hls4ml_predictions(builders.tutorial_cnn(), True, tmp_path)
     assert np.max(np.abs(predicted - logits)) <= 2**-9
     np.testing.assert_array_equal(predicted.argmax(-1), logits.argmax(-1))
 
@@ -494,7 +453,7 @@ def test_hls4ml_computes_means_over_windows_that_are_not_a_power_of_two(
     a QDense: hls4ml's mean is within 1.25 * 2**-fractional_bits of the exact one, so each
     logit is within that times the sum of its weights' magnitudes."""
     model = builders.FLOAT_TAIL_BUILDERS[name]()
-    predicted, _, logits = _hls4ml_predictions(
+    predicted, _, logits = hls4ml_predictions(
         model, True, tmp_path, fractional_bits=fractional_bits
     )
     kernel = quantized_weights(model.get_layer(dense)).kernel
@@ -519,7 +478,7 @@ def test_hls4ml_computes_swish_with_its_sigmoid_table(function, tmp_path):
     1024-entry table over [-8, 8) (steps of 1/64 in x, so within 1/256 of the sigmoid)
     and saturates beyond, so each output is within |x| / 256 (measured: 0.021 at x = 21)."""
     model = _activation_after_dense(function)
-    predicted, expected, _ = _hls4ml_predictions(model, False, tmp_path, samples=64)
+    predicted, expected, _ = hls4ml_predictions(model, False, tmp_path, samples=64)
     sources = [builders.INPUT_QUANTIZER]
     inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], 64)
     before = keras.Model(model.input, model.get_layer("fc").output).predict(inputs, verbose=0)
@@ -541,19 +500,12 @@ def test_hls4ml_computes_every_float_activation_it_reads(tmp_path):
     hls4ml's C simulation: table-based functions within TABLE_ERROR (softplus and softsign
     only for inputs within [-8, 8)), LeakyReLU and ThresholdedReLU within
     PIECEWISE_LINEAR_ERROR. The Elu's alpha reaches hls4ml (it reads a missing one as 0.01)."""
-    import hls4ml
 
     model = builders.activation_heads(builders.FLOAT_ACTIVATIONS[:-1])  # not hard_sigmoid
     sources = [builders.INPUT_QUANTIZER]
     exported = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
     cleaned, config = prepare_for_hls4ml(exported)
-    hls_model = hls4ml.converters.convert_from_onnx_model(
-        cleaned,
-        output_dir=str(tmp_path / "hls4ml_prj"),
-        backend="Vitis",
-        io_type="io_parallel",
-        hls_config=config,
-    )
+    hls_model = hls4ml_model(cleaned, config, tmp_path)
     hls_model.compile()
     bnfold.populate_bias_quantizer_from_accumulator(model, sources)
     inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], 64)
@@ -580,7 +532,6 @@ def test_hls4ml_cannot_read_hard_sigmoid(tmp_path):
     """hard_sigmoid is exported as Mul, Add, Min, Max with constants; hls4ml 1.3.0 turns a
     Min or Max with a constant into a Merge layer and fails on it in its precision
     inference (only Add, Sub, Mul and Div with a constant become ApplyAlpha)."""
-    import hls4ml
 
     model = _activation_after_dense("hard_sigmoid")
     exported = bnfold.export_onnx(
@@ -589,13 +540,7 @@ def test_hls4ml_cannot_read_hard_sigmoid(tmp_path):
     cleaned, config = prepare_for_hls4ml(exported)
     assert {"Min", "Max"} <= {node.op_type for node in cleaned.graph.node}
     with pytest.raises(IndexError):
-        hls4ml.converters.convert_from_onnx_model(
-            cleaned,
-            output_dir=str(tmp_path / "hls4ml_prj"),
-            backend="Vitis",
-            io_type="io_parallel",
-            hls_config=config,
-        )
+        hls4ml_model(cleaned, config, tmp_path)
 
 
 # ------------------------------------------------- the Keras route: convert_from_keras_model

@@ -12,8 +12,10 @@ import builders
 from bnfold.errors import QuantizerError
 from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
+from bnfold.hls4ml import prepare_for_hls4ml
 from bnfold.keras import quantizers
 from bnfold.quantizer_table import QUANTIZERS
+from hls4ml_runs import compiled_hls4ml, hls4ml_model
 
 SOURCE = builders.QUANTIZER_SOURCE
 CASES = builders.QUANTIZER_CASES
@@ -126,22 +128,10 @@ def test_quantizers_qonnx_cannot_express_are_refused_by_name(kernel, activation,
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["binary", "bits-unsigned", "ternary-kernel", "po2-kernel"])
 def test_hls4ml_c_simulation_equals_qkeras_bit_for_bit(exported, name, tmp_path):
-    import hls4ml
-
-    from bnfold.hls4ml import prepare_for_hls4ml
-
     model = exported[name][0]
     # hls4ml 1.3.0 reads one scale per weight Quant (ternary() kernels get auto_po2 scales).
     onnx_model = bnfold.export_onnx(model, source_quantizers=[SOURCE], per_channel_scales=False)
-    cleaned, config = prepare_for_hls4ml(onnx_model)
-    hls_model = hls4ml.converters.convert_from_onnx_model(
-        cleaned,
-        output_dir=str(tmp_path / "hls4ml_prj"),
-        backend="Vitis",
-        io_type="io_parallel",
-        hls_config=config,
-    )
-    hls_model.compile()
+    hls_model = compiled_hls4ml(onnx_model, tmp_path)
     inputs = sample_inputs(model, [FixedPoint.from_quantizer(SOURCE)], count=64, seed=3)[0]
     expected = model.predict(inputs, verbose=0)
     predicted = hls_model.predict(np.ascontiguousarray(inputs))
@@ -157,16 +147,6 @@ def test_hls4ml_c_simulation_equals_qkeras_bit_for_bit(exported, name, tmp_path)
 )
 def test_hls4ml_cannot_read_these_activation_forms(exported, name, message, tmp_path):
     """What the README's table says hls4ml 1.3.0 does not read, as it fails today."""
-    import hls4ml
-
-    from bnfold.hls4ml import prepare_for_hls4ml
-
     cleaned, config = prepare_for_hls4ml(exported[name][1])
     with pytest.raises(Exception, match=message):
-        hls4ml.converters.convert_from_onnx_model(
-            cleaned,
-            output_dir=str(tmp_path / "hls4ml_prj"),
-            backend="Vitis",
-            io_type="io_parallel",
-            hls_config=config,
-        )
+        hls4ml_model(cleaned, config, tmp_path)

@@ -17,6 +17,10 @@ power-of-two scales (``alpha="auto_po2"``, what QKeras layers make of a kernel
 quantizer with ``alpha=None``) has its binary point moved by those scales; and
 the product of two full-range signed types needs one more integer bit.
 
+A separable convolution is two MACs (``MacLayerType.kernels``): the depthwise
+sums, which QKeras does not round, are the pointwise MAC's input, so its type
+is the depthwise accumulator (``MacTypes.before``).
+
 ``mode="weights"`` gives instead the narrowest type holding the exact range of
 ``sum(w * x) + b`` for the actual quantized weights over the input type's range.
 """
@@ -59,11 +63,19 @@ class MacTypes:
         input: type of the values the layer multiplies.
         sum_of_products: type of the sum before the bias is added.
         accumulator: type of the whole accumulator, bias included.
+        before: the types of the MAC whose sums this one multiplies (a separable
+            convolution's depthwise stage), or None.
     """
 
     input: FixedPoint
     sum_of_products: FixedPoint
     accumulator: FixedPoint
+    before: MacTypes | None = None
+
+    @property
+    def layer_input(self) -> FixedPoint:
+        """The type of the layer's input: the first MAC's input."""
+        return self.input if self.before is None else self.before.layer_input
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,11 @@ class _Float(Exception):
 
 
 def _mac_types(layer: Any, weights: QuantizedWeights, value: Typed, mode: Mode) -> MacTypes:
+    before = None
+    if weights.before is not None:
+        # QKeras does not round between a separable convolution's two MACs.
+        before = _mac_types(layer, weights.before, value, mode)
+        value = before.accumulator
     source = _required(value, "input")
     kernel = _required(weights.kernel_type or Untyped("it has no kernel quantizer"), "kernel")
     sum_of_products = source.product(kernel).sum_of(weights.products)
@@ -102,7 +119,7 @@ def _mac_types(layer: Any, weights: QuantizedWeights, value: Typed, mode: Mode) 
         accumulator = sum_of_products.union(bias).widen(1, 1)
     if mode == "weights":
         accumulator = _exact_accumulator(weights, source, kernel, sum_of_products)
-    return MacTypes(source, sum_of_products, accumulator)
+    return MacTypes(source, sum_of_products, accumulator, before)
 
 
 def _exact_accumulator(
@@ -267,7 +284,7 @@ def infer_types(
             if previous is None:
                 return Untyped(f"layer {path!r} has no accumulator type")
             if not isinstance(value, Untyped):
-                value = previous.input.union(value)
+                value = previous.layer_input.union(value)
         else:
             weights = quantized_weights(layer)
         try:

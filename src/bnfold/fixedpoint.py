@@ -45,18 +45,6 @@ __all__ = ["FixedPoint", "QuantizerError"]
 # hls4ml's types: ap_fixed<W,I> in C++, fixed<W,I> in its configuration; I counts the sign.
 HLS_TYPE = re.compile(r"(?:ap_)?(u?)fixed<\s*(\d+)\s*,\s*(-?\d+)\s*>")
 
-# What bnfold knows about each QKeras quantizer, and the one parser of quantizer strings,
-# live in bnfold.quantizer_table, which builds on FixedPoint; these names stay importable here.
-_PARSER_NAMES = ("as_quantizer", "is_quantizer_name", "parse_quantizer")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PARSER_NAMES:
-        from bnfold import quantizer_table
-
-        return getattr(quantizer_table, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 @dataclass(frozen=True)
 class FixedPoint:

@@ -1,13 +1,14 @@
 """Every Keras layer class bnfold handles, one entry each, and everything bnfold does with it.
 
-An entry says how the type of the layer's output follows from its inputs (a
-rule of ``bnfold.typerules``; a MAC layer is typed from its weights instead),
-where a MAC layer keeps its kernel, how the strip stage exports the layer, the
-ONNX ops it becomes, whether the export computes it exactly, and what hls4ml's
-ONNX front end and FINN read of it. The README's table of supported layers is
-checked against this one by a test. Adding a layer class is one entry here and
-its test. Folded layers stay in ``bnfold.folding.FOLDED_LAYER_TYPES``, the one
-place for them; their entries here are derived from it.
+An entry says how the type of the layer's output follows from its inputs (a rule
+of ``bnfold.typerules``; a MAC layer is typed from its weights instead), where a
+MAC layer keeps its kernels (a separable convolution has two), how the strip
+stage exports the layer, the ONNX ops it becomes, whether the export computes it
+exactly, and what hls4ml's ONNX front end and FINN read of it. The README's
+table of supported layers is checked against this one by a test. Adding a layer
+class is one entry here and its test. Folded layers stay in
+``bnfold.folding.FOLDED_LAYER_TYPES``, the one place for them; their entries
+here are derived from it.
 
 Export kinds (``LayerSpec.export``), one method each in the strip stage:
 
@@ -15,6 +16,9 @@ Export kinds (``LayerSpec.export``), one method each in the strip stage:
   markers; its kernel and bias quantizers become Quant nodes.
 - ``"quantizer"``: the layer's quantizer becomes a Quant node.
 - ``"copy"``: rebuilt from its config with its weights; tf2onnx converts it.
+- ``"average"``: a QKeras average pooling layer: the float pooling layer, the
+  multiplications by the count and the quantized reciprocal that QKeras does
+  with an ``average_quantizer``, and the activation's Quant.
 - ``"batchnorm"``: a Keras BatchNormalization holding the weights the layer
   computes with (QBatchNormalization: after its quantizers).
 - ``"unfolded"``: the unfold stage replaces it before the strip stage runs.
@@ -34,23 +38,36 @@ from bnfold.keras import keras
 
 
 @dataclass(frozen=True)
-class MacLayerType:
-    """Where a MAC layer keeps its kernel and kernel quantizer.
+class Kernel:
+    """One kernel of a MAC layer.
 
     Attributes:
-        kernel: attribute name of the kernel variable.
-        kernel_quantizer: attribute holding the kernel quantizer object, None for
-            plain Keras layers.
-        output_channel_axes: trailing kernel axes that index output channels; the
+        attribute: attribute name of the kernel variable.
+        quantizer: attribute holding its quantizer object, None for plain Keras layers.
+        output_axes: the kernel axes (negative) that index output channels; the
             other axes are summed over, so their sizes multiply to the number of
-            products summed per output.
+            products summed per output (at most, for a transposed convolution).
+    """
+
+    attribute: str
+    quantizer: str | None
+    output_axes: tuple[int, ...] = (-1,)
+
+
+@dataclass(frozen=True)
+class MacLayerType:
+    """Where a MAC layer keeps its kernels and kernel quantizers.
+
+    Attributes:
+        kernels: the kernels in the order the layer applies them; each multiplies
+            the unrounded sums of the one before (a separable convolution: the
+            depthwise, then the pointwise kernel). The bias and activation follow
+            the last one.
         float_class: the plain Keras class the strip stage rebuilds it as.
     """
 
-    kernel: str
-    kernel_quantizer: str | None
-    output_channel_axes: int = 1
-    float_class: str = ""
+    kernels: tuple[Kernel, ...]
+    float_class: str
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,7 @@ class LayerSpec:
         finn: what FINN (through QONNX) makes of them.
         type_rule: the output type from the input types; None for MAC layers,
             which are typed from their weights.
-        mac: where a MAC layer keeps its kernel; None for other layers.
+        mac: where a MAC layer keeps its kernels; None for other layers.
         computes: for a layer that is an activation or normalization itself, the
             function it computes as the per-layer table names it (``activation``
             column), e.g. ``leaky_relu(alpha=0.2)``; None for other layers.
@@ -108,12 +125,26 @@ def _table(measured: float) -> str:
 _FLOAT_OP = "no (float op, left to software)"
 
 
+# A MAC layer's kernels, by kind: the kernel attribute and its quantizer's name
+# (QKeras keeps the quantizer object in "<name>_internal"), and output-channel axes.
+_KERNELS = {
+    "Separable": (
+        ("depthwise_kernel", "depthwise_quantizer", (-2, -1)),
+        ("pointwise_kernel", "pointwise_quantizer", (-1,)),
+    ),
+    "Depthwise": (("depthwise_kernel", "depthwise_quantizer", (-2, -1)),),
+    # A transposed convolution's kernel is (height, width, filters, input channels).
+    "Transpose": (("kernel", "kernel_quantizer", (-2,)),),
+    "": (("kernel", "kernel_quantizer", (-1,)),),
+}
+
+
 def _mac(name: str, float_class: str, quantized: bool, onnx: str, hls4ml: str) -> LayerSpec:
-    depthwise = "Depthwise" in name
-    kernel = "depthwise_kernel" if depthwise else "kernel"
-    quantizer = None
-    if quantized:
-        quantizer = "depthwise_quantizer_internal" if depthwise else "kernel_quantizer_internal"
+    kind = next(kind for kind in _KERNELS if kind in name)
+    kernels = tuple(
+        Kernel(attribute, f"{quantizer}_internal" if quantized else None, axes)
+        for attribute, quantizer, axes in _KERNELS[kind]
+    )
     return LayerSpec(
         name,
         "mac",
@@ -121,7 +152,7 @@ def _mac(name: str, float_class: str, quantized: bool, onnx: str, hls4ml: str) -
         "exact" if quantized else "exact if its weights and input are fixed point",
         hls4ml,
         "yes" if quantized else _FLOAT_OP,
-        mac=MacLayerType(kernel, quantizer, 2 if depthwise else 1, float_class),
+        mac=MacLayerType(kernels, float_class),
     )
 
 
@@ -150,6 +181,7 @@ def _float(
     )
 
 
+_FINN_UNMEASURED = "not measured (FINN does not run here)"
 # What FINN's build steps made of these layers in the test models (README, FINN section).
 _FINN_SEQUENCE = (
     "no (in sequence_decoder, FINN's step_qonnx_to_finn leaves tensors without shapes, so the "
@@ -183,6 +215,11 @@ def _batchnorm(layer: Any) -> str:
 
 
 _NO_CONV1D = "no (hls4ml 1.3.0 reads no 1-D Conv from ONNX)"
+# A separable convolution is a depthwise, then a pointwise convolution.
+_SEPARABLE = "Conv (group) + Conv (1x1)"
+_SEPARABLE_1D = "Conv (group) + Conv (1-D, the second 1-wide)"
+_SEPARABLE_HLS4ML = "yes, depth_multiplier 1"
+_NO_TRANSPOSE = "no (hls4ml 1.3.0 reads no transposed convolution, from ONNX or Keras)"
 _AVERAGE = (
     "yes, as a depthwise Conv, when unpadded: exact over a power-of-two window, else its "
     "weights 1/n rounded (see hls4ml below)"
@@ -202,12 +239,20 @@ LAYERS: dict[str, LayerSpec] = {
             "QDepthwiseConv2D", "DepthwiseConv2D", True, "Conv (group)", "yes, depth_multiplier 1"
         ),
         _mac("QDense", "Dense", True, "MatMul + Add", "yes"),
+        _mac("QSeparableConv1D", "SeparableConv1D", True, _SEPARABLE_1D, _NO_CONV1D),
+        _mac("QSeparableConv2D", "SeparableConv2D", True, _SEPARABLE, _SEPARABLE_HLS4ML),
         _mac("Conv1D", "Conv1D", False, "Conv", _NO_CONV1D),
         _mac("Conv2D", "Conv2D", False, "Conv", "yes"),
         _mac(
             "DepthwiseConv2D", "DepthwiseConv2D", False, "Conv (group)", "yes, depth_multiplier 1"
         ),
         _mac("Dense", "Dense", False, "MatMul + Add", "yes"),
+        _mac("SeparableConv1D", "SeparableConv1D", False, _SEPARABLE_1D, _NO_CONV1D),
+        _mac("SeparableConv2D", "SeparableConv2D", False, _SEPARABLE, _SEPARABLE_HLS4ML),
+        _mac("DepthwiseConv1D", "DepthwiseConv1D", False, "Conv (group)", _NO_CONV1D),
+        # QKeras 0.9.0's QConv2DTranspose fails when called on TensorFlow 2.21
+        # (array_ops.stack is gone), so a model with it has no QKeras reference.
+        _mac("Conv2DTranspose", "Conv2DTranspose", False, "ConvTranspose", _NO_TRANSPOSE),
         *(
             LayerSpec(
                 entry.folded,
@@ -217,9 +262,13 @@ LAYERS: dict[str, LayerSpec] = {
                 "yes",
                 "yes",
                 mac=MacLayerType(
-                    entry.kernel,
-                    f"{entry.kernel_quantizer}_internal",
-                    entry.output_channel_axes,
+                    (
+                        Kernel(
+                            entry.kernel,
+                            f"{entry.kernel_quantizer}_internal",
+                            tuple(range(-entry.output_channel_axes, 0)),
+                        ),
+                    ),
                     entry.plain.__name__.removeprefix("Q"),
                 ),
             )
@@ -325,6 +374,29 @@ LAYERS: dict[str, LayerSpec] = {
                     "ReduceMean or GlobalAveragePool",
                     typerules.global_average_pooling,
                     _AVERAGE,
+                ),
+            )
+        ),
+        *(
+            LayerSpec(
+                name,
+                "average",
+                f"{onnx}; with average_quantizer then Mul (count), Mul (quantized 1/count)",
+                "exact over a power-of-two count, else float",
+                hls4ml,
+                _FINN_UNMEASURED,
+                type_rule=typerules.quantized_average_pooling,
+            )
+            for name, onnx, hls4ml in (
+                (
+                    "QAveragePooling2D",
+                    "AveragePool",
+                    "no (its C simulation differs with average_quantizer; measured on 2x2)",
+                ),
+                (
+                    "QGlobalAveragePooling2D",
+                    "ReduceMean or GlobalAveragePool",
+                    "yes over a power-of-two count",
                 ),
             )
         ),

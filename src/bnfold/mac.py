@@ -9,6 +9,7 @@ exists only after the quantizer has been applied.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from bnfold.errors import InvalidWeightsError, UnsupportedLayerError
 from bnfold.fixedpoint import FixedPoint, QuantizerError
 from bnfold.folding import folded_layer_type, folded_weights
 from bnfold.keras import tf
-from bnfold.layer_table import LAYERS, mac_layer_type
+from bnfold.layer_table import LAYERS, Kernel, mac_layer_type
 from bnfold.quantizer_table import describe
 
 # The finest grid on which a plain Keras layer's float weights are read as fixed
@@ -40,8 +41,10 @@ class QuantizedWeights:
         bias: bias values after folding and quantization; None without a bias.
         bias_type: fixed-point type of ``bias``, or None if it is float or absent.
             (A float bias is what populate_bias_quantizer_from_accumulator fills.)
-        output_channel_axes: trailing kernel axes that index outputs; the others
+        output_axes: the kernel axes (negative) that index outputs; the others
             are summed over.
+        before: the MAC whose unrounded sums this one multiplies (a separable
+            convolution's depthwise stage, without bias), or None.
     """
 
     kernel: np.ndarray
@@ -49,12 +52,14 @@ class QuantizedWeights:
     kernel_scale: np.ndarray | None
     bias: np.ndarray | None
     bias_type: FixedPoint | None
-    output_channel_axes: int
+    output_axes: tuple[int, ...]
+    before: QuantizedWeights | None = None
 
     @property
     def summed_axes(self) -> tuple[int, ...]:
         """The kernel axes a MAC sums over for one output."""
-        return tuple(range(self.kernel.ndim - self.output_channel_axes))
+        rank = self.kernel.ndim
+        return tuple(axis for axis in range(rank) if axis - rank not in self.output_axes)
 
     @property
     def products(self) -> int:
@@ -162,30 +167,41 @@ def quantized_weights(layer: Any) -> QuantizedWeights:
         )
     if folded_layer_type(layer) is not None:
         kernel, bias = folded_weights(layer)
+        kernels = [kernel]
     else:
-        kernel = np.asarray(getattr(layer, entry.kernel), dtype=np.float32)
+        kernels = [np.asarray(getattr(layer, k.attribute), np.float32) for k in entry.kernels]
         bias = np.asarray(layer.bias, dtype=np.float32) if layer.use_bias else None
-    kernel_quantizer = getattr(layer, entry.kernel_quantizer) if entry.kernel_quantizer else None
-    kernel_scale = None
-    if entry.kernel_quantizer is None:
-        kernel_grid = grid_of_values(kernel)
-    elif kernel_quantizer is None:
-        kernel_grid = None
-    else:
-        kernel_grid = FixedPoint.from_quantizer(
-            kernel_quantizer, layer=layer.name, allow_scale=True
+    weights = None
+    for values, kernel in zip(kernels, entry.kernels, strict=True):
+        weights = QuantizedWeights(
+            *_quantized_kernel(layer, kernel, values),
+            None,
+            None,
+            kernel.output_axes,
+            weights,
         )
-        kernel, scale = _quantize(kernel_quantizer, kernel, layer, "kernel")
-        alpha = getattr(kernel_quantizer, "alpha", None)
-        if isinstance(alpha, str) or not (alpha is None or np.all(np.asarray(alpha) == 1)):
-            kernel_scale = _power_of_two_scale(scale, layer, kernel, kernel_quantizer)
     bias_quantizer = getattr(layer, "bias_quantizer_internal", None)
     bias_type = None
     if bias is not None and bias_quantizer is not None:
         bias_type = FixedPoint.from_quantizer(bias_quantizer, layer=layer.name)
         bias, _ = _quantize(bias_quantizer, bias, layer, "bias")
-    elif bias is not None and entry.kernel_quantizer is None:
+    elif bias is not None and entry.kernels[-1].quantizer is None:
         bias_type = grid_of_values(bias)
-    return QuantizedWeights(
-        kernel, kernel_grid, kernel_scale, bias, bias_type, entry.output_channel_axes
-    )
+    return dataclasses.replace(weights, bias=bias, bias_type=bias_type)
+
+
+def _quantized_kernel(
+    layer: Any, kernel: Kernel, values: np.ndarray
+) -> tuple[np.ndarray, FixedPoint | None, np.ndarray | None]:
+    """A kernel as ``layer`` applies it: its values, their grid and per-channel scale."""
+    quantizer = getattr(layer, kernel.quantizer) if kernel.quantizer else None
+    if kernel.quantizer is None:
+        return values, grid_of_values(values), None
+    if quantizer is None:
+        return values, None, None
+    grid = FixedPoint.from_quantizer(quantizer, layer=layer.name, allow_scale=True)
+    quantized, scale = _quantize(quantizer, values, layer, kernel.attribute.replace("_", " "))
+    alpha = getattr(quantizer, "alpha", None)
+    if isinstance(alpha, str) or not (alpha is None or np.all(np.asarray(alpha) == 1)):
+        return quantized, grid, _power_of_two_scale(scale, layer, quantized, quantizer)
+    return quantized, grid, None

@@ -98,18 +98,45 @@ def _average(layer: Any, values: list[Typed], count: int | None) -> Typed:
     return FixedPoint(value.bits + shift, value.integer, value.signed, value.narrow)
 
 
+def pooled_area(layer: Any) -> int | None:
+    """How many values each output of an average pooling layer averages (None: unknown)."""
+    if hasattr(layer, "pool_size"):
+        return math.prod(layer.pool_size)
+    shape = layer.input_shape
+    spatial = shape[1:-1] if layer.data_format == "channels_last" else shape[2:]
+    return math.prod(spatial) if None not in spatial else None
+
+
 def average_pooling(layer: Any, values: list[Typed]) -> Typed:
     """A mean over each pooling window."""
     if layer.padding != "valid":
         return Untyped(f"layer {layer.name!r} averages partial windows (padding='same')")
-    return _average(layer, values, math.prod(layer.pool_size))
+    return _average(layer, values, pooled_area(layer))
 
 
 def global_average_pooling(layer: Any, values: list[Typed]) -> Typed:
     """A mean over all positions."""
-    shape = layer.input_shape
-    spatial = shape[1:-1] if layer.data_format == "channels_last" else shape[2:]
-    return _average(layer, values, math.prod(spatial) if None not in spatial else None)
+    return _average(layer, values, pooled_area(layer))
+
+
+def quantized_average_pooling(layer: Any, values: list[Typed]) -> Typed:
+    """QAveragePooling2D, QGlobalAveragePooling2D: the mean, or with an ``average_quantizer``
+    the sum times the quantized reciprocal of the count, then the activation.
+
+    QKeras computes the sum as the float mean times the count, which is the exact sum
+    when the count is a power of two; the product with the quantized reciprocal, a
+    value of the quantizer's type, is then exact too.
+    """
+    quantizer = layer.average_quantizer_internal
+    rule = global_average_pooling if not hasattr(layer, "pool_size") else average_pooling
+    mean = rule(layer, values)
+    if quantizer is None or isinstance(mean, Untyped):
+        return activation_type(layer.activation, mean, layer)
+    reciprocal = quantizer_type(quantizer, layer)
+    if isinstance(reciprocal, Untyped):
+        return reciprocal
+    total = values[0].sum_of(pooled_area(layer))
+    return activation_type(layer.activation, total.product(reciprocal), layer)
 
 
 def upsampling(layer: Any, values: list[Typed]) -> Typed:

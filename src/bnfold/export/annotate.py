@@ -40,7 +40,7 @@ from bnfold.export.strip import (
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_OPSET = 1
-_MAC_OPS = ("Conv", "MatMul", "Gemm")
+_MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _SCOPE = re.compile(r"(?:^|/)(bnfold_\d+)(?:/|$)")
 
 
@@ -97,7 +97,8 @@ class _Annotator:
         self.stripped = stripped
         self.new_initializers: list[onnx.TensorProto] = []
         self.new_nodes: list[onnx.NodeProto] = []
-        self.mac_nodes: dict[str, str] = {}  # ONNX node name -> Keras layer path
+        # ONNX node name -> Keras layer path, and which of its MACs the node computes
+        self.mac_nodes: dict[str, tuple[str, int]] = {}
         self.probes: list[dict[str, Any]] = []
         self.names: set[str] = {node.name for node in self.graph.node}
         self.names |= {tensor.name for tensor in self.graph.initializer}
@@ -204,7 +205,7 @@ class _Annotator:
         tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
         for node in consumers:
             if record.role == "kernel" and node.op_type in _MAC_OPS:
-                self.mac_nodes[node.name] = record.path
+                self.mac_nodes[node.name] = (record.path, record.mac)
             _set_metadata(node, layer=record.path)
         if record.quant is None:
             return
@@ -377,10 +378,13 @@ class _Annotator:
                         changed = True
                         break
         for node in self.graph.node:
-            path = self.mac_nodes.get(node.name)
-            if path is None:
+            if node.name not in self.mac_nodes:
                 continue
+            path, mac = self.mac_nodes[node.name]
             record = self.stripped.layers[path]
+            if mac < len(record.earlier_macs):
+                _set_metadata(node, **record.earlier_macs[mac].summary())
+                continue
             _set_metadata(
                 node,
                 kernel_quantizer=record.kernel_quantizer,

@@ -27,7 +27,6 @@ import numpy as np
 
 from bnfold.accumulator import (
     FLOAT_MARKER,
-    MacLayer,
     TypeInference,
     infer_types,
     warn_unrepresentable,
@@ -39,8 +38,9 @@ from bnfold.folding import constructor_arguments, folded_layer_type
 from bnfold.graph import iter_layers, propagate
 from bnfold.keras import keras, tf
 from bnfold.layer_table import layer_spec, mac_layer_type
+from bnfold.mac import QuantizedWeights
 from bnfold.quantizer_table import describe, quantizer_kind
-from bnfold.typerules import Untyped
+from bnfold.typerules import Untyped, pooled_area
 
 POINT_PREFIX = "bnfold:"
 # First marker's bit pattern: 2**64, a value no real weight or constant has; markers
@@ -79,6 +79,7 @@ class WeightRecord:
     first_marker: int
     values: np.ndarray
     quant: QuantSpec | None
+    mac: int = 0  # which of the layer's MACs it belongs to (see ``MacLayerType.kernels``)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,23 @@ class PointRecord:
     index: int = 0
 
 
+@dataclass(frozen=True)
+class EarlierMac:
+    """A MAC before a layer's last one (a separable convolution's depthwise stage)."""
+
+    kernel_quantizer: str | None
+    accumulator: FixedPoint | None
+
+    def summary(self) -> dict[str, str | None]:
+        """Its node metadata, and its entry in ``bnfold.layers``."""
+        fixed = self.accumulator
+        return {
+            "kernel_quantizer": self.kernel_quantizer,
+            "accumulator": None if fixed is None else fixed.quantizer_string(),
+            "accumulator_hls": None if fixed is None else fixed.hls(),
+        }
+
+
 @dataclass
 class LayerRecord:
     """What the exported ONNX says about one Keras layer (the per-layer table)."""
@@ -111,6 +129,8 @@ class LayerRecord:
     accumulator: FixedPoint | None = None
     untyped: str | None = None  # why a MAC layer has no accumulator type
     scopes: list[str] = field(default_factory=list)
+    # The quantizer and accumulator above are the last MAC's; these, the ones before it.
+    earlier_macs: list[EarlierMac] = field(default_factory=list)
 
     def accumulator_marker(self) -> str | None:
         """``bnfold.accumulator``: the type's quantizer string, or why it is float."""
@@ -128,7 +148,11 @@ class LayerRecord:
             "activation": self.activation,
             "accumulator": self.accumulator_marker(),
             "accumulator_hls": None if self.accumulator is None else self.accumulator.hls(),
-        }
+        } | (
+            {"earlier_macs": [mac.summary() for mac in self.earlier_macs]}
+            if self.earlier_macs
+            else {}
+        )
 
 
 @dataclass
@@ -220,7 +244,12 @@ def _check_full_quantization(quantizer: Any, path: str) -> None:
 
 
 def _weight_quant(
-    mac: MacLayer, role: str, path: str, per_channel_scales: bool
+    layer: Any,
+    weights: QuantizedWeights,
+    quantizer: Any,
+    role: str,
+    path: str,
+    per_channel_scales: bool,
 ) -> QuantSpec | None:
     """The Quant of a kernel or bias; None when QKeras leaves it float.
 
@@ -228,16 +257,11 @@ def _weight_quant(
     gets one scale, the finest channel step, and a bit width wide enough for
     every channel (the same values; hls4ml 1.3.0 cannot read per-channel scales).
     """
-    weights = mac.weights
-    layer = mac.layer
-    entry = mac_layer_type(layer)
     if role == "kernel":
-        quantizer = getattr(layer, entry.kernel_quantizer) if entry.kernel_quantizer else None
         fixed, scale = weights.kernel_grid, weights.kernel_scale
         if not per_channel_scales and scale is not None:
             fixed, scale = weights.kernel_type, None
     else:
-        quantizer = getattr(layer, "bias_quantizer_internal", None)
         fixed, scale = weights.bias_type, None
     if quantizer is None:
         return None
@@ -338,6 +362,26 @@ class _Stripper:
     def _copy(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
         return self._rebuilt(layer, tensors, path, type(layer), layer.get_config(), layer.weights)
 
+    def _average(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
+        """QAveragePooling2D, QGlobalAveragePooling2D, computed as QKeras computes them.
+
+        The float mean; with an ``average_quantizer``, times the count, then times
+        the quantized reciprocal of the count: two multiplications, each rounded in
+        float32 as in QKeras, kept apart by a barrier. Then the activation.
+        """
+        float_class = getattr(keras.layers, type(layer).__name__.removeprefix("Q"))
+        accepted = constructor_arguments(float_class) - {"name"}
+        config = {key: value for key, value in layer.get_config().items() if key in accepted}
+        tensor = self._rebuilt(layer, tensors, path, float_class, config, [])
+        quantizer = layer.average_quantizer_internal
+        if quantizer is not None:
+            area = np.float32(pooled_area(layer))
+            reciprocal = np.float32(quantizer(np.float32(1.0) / area))
+            tensor = _scaled(tensor, area, self._scope(path))
+            tensor = self.point(tensor, path, "barrier", None, None)
+            tensor = _scaled(tensor, reciprocal, self._scope(path))
+        return self._activation(layer.activation, tensor, path, record)
+
     def _batchnorm(self, layer: Any, tensors: list[Any], path: str, record: LayerRecord) -> Any:
         """A BatchNormalization with the weights ``layer`` computes with at inference.
 
@@ -382,19 +426,44 @@ class _Stripper:
         tensor = tensors[0]
         mac = self.macs[path]
         if path not in self.float_layers:
-            float_class = getattr(keras.layers, mac_layer_type(layer).float_class)
+            entry = mac_layer_type(layer)
+            float_class = getattr(keras.layers, entry.float_class)
             config = _float_config(layer, float_class) | {"name": self._scope(path)}
             float_layer = float_class(**config)
             float_layer.build(tensor.shape)
+            stages = _stages(mac.weights)
+            types = _stages(mac.types) if mac.types is not None else [None] * len(stages)
+            # The float layer's weights: its kernels in order, then the bias.
+            weights = [
+                (
+                    number,
+                    "kernel",
+                    stage.kernel,
+                    getattr(layer, kernel.quantizer) if kernel.quantizer else None,
+                )
+                for number, (stage, kernel) in enumerate(zip(stages, entry.kernels, strict=True))
+            ]
+            if mac.weights.bias is not None:
+                quantizer = getattr(layer, "bias_quantizer_internal", None)
+                weights.append((len(stages) - 1, "bias", mac.weights.bias, quantizer))
             markers = []
-            for role, values in (("kernel", mac.weights.kernel), ("bias", mac.weights.bias)):
-                if values is None:
-                    continue
-                quant = _weight_quant(mac, role, path, self.per_channel_scales)
-                self.weights.append(WeightRecord(path, role, self.next_marker, values, quant))
+            for number, role, values, quantizer in weights:
+                quant = _weight_quant(
+                    layer, stages[number], quantizer, role, path, self.per_channel_scales
+                )
+                self.weights.append(
+                    WeightRecord(path, role, self.next_marker, values, quant, number)
+                )
                 markers.append(_markers(self.next_marker, values.shape))
                 self.next_marker += values.size
-                setattr(record, f"{role}_quantizer", quant and quant.quantizer)
+                if number == len(stages) - 1:
+                    setattr(record, f"{role}_quantizer", quant and quant.quantizer)
+                else:
+                    record.earlier_macs.append(
+                        EarlierMac(
+                            quant and quant.quantizer, types[number] and types[number].accumulator
+                        )
+                    )
             float_layer.set_weights(markers)
             self.float_layers[path] = float_layer
             record.accumulator = mac.types and mac.types.accumulator
@@ -405,7 +474,7 @@ class _Stripper:
     def _activation(self, activation: Any, tensor: Any, path: str, record: LayerRecord) -> Any:
         """A MAC layer's activation: a QKeras quantizer is a Quant, a function its own layer."""
         name = getattr(activation, "__name__", None)
-        if name == "linear":
+        if activation is None or name == "linear":
             return tensor
         if type(activation).__module__.startswith("qkeras"):
             quant, before = _activation_quant(activation, path)
@@ -415,6 +484,19 @@ class _Stripper:
         if record.accumulator is not None and name != "relu" and not any(self.after_float[path]):
             tensor = self.point(tensor, path, "probe", None, None, -1)
         return keras.layers.Activation(activation, name=self._scope(path))(tensor)
+
+
+def _scaled(tensor: Any, factor: np.float32, name: str) -> Any:
+    """``tensor * factor`` in float32: one ONNX Mul by a constant."""
+    return keras.layers.Lambda(lambda values: values * factor, name=name)(tensor)
+
+
+def _stages(last: Any) -> list[Any]:
+    """A chain of ``before`` links (weights or types of a MAC layer), first MAC first."""
+    chain = [last]
+    while chain[0].before is not None:
+        chain.insert(0, chain[0].before)
+    return chain
 
 
 def batchnorm_weights(layer: Any) -> list[np.ndarray]:
