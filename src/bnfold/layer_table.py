@@ -123,6 +123,16 @@ def _table(measured: float) -> str:
 
 
 _FLOAT_OP = "no (float op, left to software)"
+# FINN's step_streamline lowers a grouped Conv only when it has as many outputs as inputs
+# (qonnx's LowerConvsToMatMul); measured on golden separable_gap (README, FINN section).
+_MULTIPLIER_STOPS = (
+    "depth_multiplier > 1: no (step_streamline stops: qonnx's LowerConvsToMatMul "
+    "cannot lower the grouped Conv)"
+)
+_FINN_BY_KIND = {
+    "Depthwise": f"yes, depth_multiplier 1; {_MULTIPLIER_STOPS}",
+    "Separable": f"depth_multiplier 1: not measured; {_MULTIPLIER_STOPS}",
+}
 
 
 # A MAC layer's kernels, by kind: the kernel attribute and its quantizer's name
@@ -151,7 +161,7 @@ def _mac(name: str, float_class: str, quantized: bool, onnx: str, hls4ml: str) -
         f"{onnx} (+ Quant on weights)" if quantized else onnx,
         "exact" if quantized else "exact if its weights and input are fixed point",
         hls4ml,
-        "yes" if quantized else _FLOAT_OP,
+        _FINN_BY_KIND.get(kind, "yes") if quantized else _FLOAT_OP,
         mac=MacLayerType(kernels, float_class),
     )
 
