@@ -672,3 +672,24 @@ def upsampling_2d(interpolation: str = "nearest") -> keras.Model:
 def upsampling_2d_bilinear() -> keras.Model:
     """``upsampling_2d`` with bilinear interpolation."""
     return upsampling_2d("bilinear")
+
+
+def quantized_pooling() -> keras.Model:
+    """QAveragePooling2D (2x2) and QGlobalAveragePooling2D, each with an average_quantizer,
+    and a QSeparableConv2D with depth multiplier 1 between them."""
+    image = keras.Input((8, 8, 2), name="image")
+    x = _qconv2d(4, 3, "conv", "quantized_relu(4,1)")(image)
+    x = q.QAveragePooling2D(2, average_quantizer="quantized_bits(8,2,1)", name="pool")(x)
+    x = q.QSeparableConv2D(
+        4,
+        3,
+        padding="same",
+        depthwise_quantizer=SMALL_KERNEL,
+        pointwise_quantizer=SMALL_KERNEL,
+        bias_quantizer=WIDE_BIAS,
+        name="separable",
+    )(x)
+    x = q.QActivation("quantized_relu(5,2)", name="act")(x)
+    x = q.QGlobalAveragePooling2D(average_quantizer="quantized_bits(8,2,1)", name="gap")(x)
+    outputs = _qdense(3, "head")(x)
+    return _spread_weights(keras.Model(image, outputs, name="quantized_pooling"))

@@ -131,7 +131,10 @@ _MULTIPLIER_STOPS = (
 )
 _FINN_BY_KIND = {
     "Depthwise": f"yes, depth_multiplier 1; {_MULTIPLIER_STOPS}",
-    "Separable": f"depth_multiplier 1: not measured; {_MULTIPLIER_STOPS}",
+    "Separable": (
+        "depth_multiplier 1: streamlined exactly, its hardware not measured (in "
+        f"quantized_pooling it follows a software AveragePool); {_MULTIPLIER_STOPS}"
+    ),
 }
 
 
@@ -191,7 +194,6 @@ def _float(
     )
 
 
-_FINN_UNMEASURED = "not measured (FINN does not run here)"
 # What FINN's build steps made of these layers in the test models (README, FINN section).
 _FINN_SEQUENCE = (
     "no (in sequence_decoder, FINN's step_qonnx_to_finn leaves tensors without shapes, so the "
@@ -394,19 +396,22 @@ LAYERS: dict[str, LayerSpec] = {
                 f"{onnx}; with average_quantizer then Mul (count), Mul (quantized 1/count)",
                 "exact over a power-of-two count, else float",
                 hls4ml,
-                _FINN_UNMEASURED,
+                finn,
                 type_rule=typerules.quantized_average_pooling,
             )
-            for name, onnx, hls4ml in (
+            for name, onnx, hls4ml, finn in (
                 (
                     "QAveragePooling2D",
                     "AveragePool",
                     "no (its C simulation differs with average_quantizer; measured on 2x2)",
+                    "no (exact through step_streamline, then its AveragePool stays in software)",
                 ),
                 (
                     "QGlobalAveragePooling2D",
                     "ReduceMean or GlobalAveragePool",
                     "yes over a power-of-two count",
+                    "partly (exact through step_streamline; its sum becomes GlobalAccPool, its "
+                    "Mul by 1/count stays in software)",
                 ),
             )
         ),
