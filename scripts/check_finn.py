@@ -18,9 +18,10 @@ after ``step_qonnx_to_finn``, as a FINN user would through ``inject_steps_after`
 
 ``--builder`` takes test models of ``tests/builders.py`` too (``builders.by_name``:
 ``unet_decoder``, ``quantizer-ternary``, ...): one run of the exporter Python builds
-each, saves it as an .h5 file and records it as a golden model is recorded
-(``golden_records``: sample inputs on its input quantizers' grids, QKeras's outputs
-on them) in a scratch directory, from which it goes through the same steps.
+each, saves it as an .h5 file and writes what this check reads of a golden model's
+files (its source quantizers; sample inputs on their grids, as ``make_golden.py``
+makes them, with the QKeras outputs of the model read back) in a scratch directory,
+from which it goes through the same steps.
 
 The table printed (Markdown) gives per model the furthest step passed, the
 maximum difference after each step, the ops ``step_convert_to_hw`` made hardware
@@ -185,9 +186,9 @@ def check(name: str, source: Path, arguments, finn, workspace: Path) -> dict:
     """FINN's steps on model ``name`` of ``source``: how far it gets, the differences after each."""
     steps, config_class, execute_onnx, wrapper = finn
     result = {"model": name, "steps": {}, "furthest": "export", "stopped": ""}
-    error = source / f"{name}.error"
-    if error.is_file():
-        result["stopped"] = f"export: {error.read_text()}"
+    recording_error = source / f"{name}.error"
+    if recording_error.is_file():
+        result["stopped"] = f"export: {recording_error.read_text()}"
         return result
     try:
         path = export(name, source, workspace, arguments.exporter, arguments.channels_first)
