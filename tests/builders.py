@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 import bnfold
 from bnfold.folding import folded_layer_type
-from bnfold.keras import keras, qkeras
+from bnfold.keras import keras, qkeras, quantizers
 
 q = qkeras
 INPUT_QUANTIZER = "quantized_bits(8,3,1,alpha=1)"
@@ -561,3 +563,133 @@ def averages() -> keras.Model:
     heads = [_qdense(3, f"head{n}")(x) for n, x in ((2, two), (4, four), (3, three))]
     outputs = [*heads, _qdense(3, "head_joined")(joined)]
     return _spread_weights(keras.Model(inputs, outputs, name="averages"))
+
+
+# One MAC layer with each QKeras quantizer kind on its kernel or on its activation.
+
+QUANTIZER_SOURCE = "quantized_bits(8,3,0,1,alpha=1)"
+_QUANTIZER_BIAS = "quantized_bits(8,3,1,alpha=1)"
+_PO2_ALPHA = np.array([0.5, 1.0, 2.0, 0.25], dtype=np.float32)
+
+# id: (kernel quantizer of the first layer, its activation quantizer or None, layer kind)
+QUANTIZER_CASES = {
+    "binary-kernel": ("binary()", None, "dense"),
+    "binary-alpha1-kernel": ("binary(alpha=1)", None, "dense"),
+    "stochastic_binary-kernel": ("stochastic_binary()", None, "dense"),
+    "ternary-kernel": ("ternary()", None, "dense"),
+    "ternary-threshold-kernel": ("ternary(alpha=1,threshold=0.5)", None, "dense"),
+    "stochastic_ternary-kernel": ("stochastic_ternary()", None, "dense"),
+    "po2-kernel": ("quantized_po2(4)", None, "dense"),
+    "po2-max1-kernel": ("quantized_po2(5,1)", None, "conv"),
+    "relu_po2-kernel": ("quantized_relu_po2(4)", None, "dense"),
+    "bits-alpha-float-kernel": ("quantized_bits(4,0,1,alpha=0.5)", None, "dense"),
+    "bits-alpha-array-kernel": (quantizers.quantized_bits(4, 0, 1, alpha=_PO2_ALPHA), None, "conv"),
+    "ternary-alpha-float-kernel": ("ternary(alpha=0.25)", None, "dense"),
+    "bits-unsigned-kernel": ("quantized_bits(4,1,0,0,alpha=1)", None, "dense"),
+    "bits-symmetric-kernel": ("quantized_bits(4,1,1,1,alpha=1)", None, "conv"),
+    "tanh-kernel": ("quantized_tanh(4)", None, "dense"),
+    "bits-unsigned": (None, "quantized_bits(6,2,0,0,alpha=1)", "dense"),
+    "bits-symmetric": (None, "quantized_bits(6,2,1,1,alpha=1)", "conv"),
+    "relu-slope": (None, "quantized_relu(5,2,negative_slope=0.25)", "dense"),
+    "relu-slope-half": (None, "quantized_relu(4,1,negative_slope=0.5)", "conv"),
+    "binary": (None, "binary()", "dense"),
+    "stochastic_binary": (None, "stochastic_binary()", "conv"),
+    "ternary": (None, "ternary()", "dense"),
+    "ternary-threshold": (None, "ternary(threshold=0.5)", "conv"),
+    "stochastic_ternary": (None, "stochastic_ternary()", "dense"),
+    "po2": (None, "quantized_po2(4)", "dense"),
+    "po2-max": (None, "quantized_po2(5,4)", "conv"),
+    "relu_po2": (None, "quantized_relu_po2(4,4)", "dense"),
+    "relu_po2-quadratic": (None, "quantized_relu_po2(5,quadratic_approximation=True)", "dense"),
+    "tanh": (None, "quantized_tanh(4)", "dense"),
+    "tanh-symmetric-real": (None, "quantized_tanh(6,0,1,1)", "conv"),
+    "sigmoid": (None, "quantized_sigmoid(5)", "dense"),
+    "sigmoid-symmetric-real": (None, "quantized_sigmoid(6,1,1)", "dense"),
+    "hswish": (None, "quantized_hswish(8,2)", "dense"),
+    "hswish-symmetric": (None, "quantized_hswish(6,3,1)", "conv"),
+}
+
+
+def quantizer_model(kernel, activation, kind: str, seed: int = 0) -> keras.Model:
+    """A MAC layer with ``kernel`` (or 4-bit weights), ``activation``, then a QDense."""
+    kernel = kernel or "quantized_bits(4,0,1,alpha=1)"
+    if kind == "conv":
+        inputs = keras.Input((5, 5, 3))
+        x = q.QConv2D(4, 3, kernel_quantizer=kernel, bias_quantizer=_QUANTIZER_BIAS, name="first")(
+            inputs
+        )
+        x = keras.layers.Flatten(name="flat")(x)
+    else:
+        inputs = keras.Input((8,))
+        x = q.QDense(6, kernel_quantizer=kernel, bias_quantizer=_QUANTIZER_BIAS, name="first")(
+            inputs
+        )
+    if activation is not None:
+        x = q.QActivation(activation, name="act")(x)
+    x = q.QDense(
+        3,
+        kernel_quantizer="quantized_bits(6,0,1,alpha=1)",
+        bias_quantizer=_QUANTIZER_BIAS,
+        name="last",
+    )(x)
+    model = keras.Model(inputs, x)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if weights:
+            layer.set_weights([rng.normal(0.0, 1.0, w.shape).astype(np.float32) for w in weights])
+    return model
+
+
+def by_name(name: str) -> tuple[keras.Model, list[str]]:
+    """The model ``name`` makes and its input quantizers, for scripts that take builder names.
+
+    ``name`` is a function of this module that takes no arguments (``unet_decoder``) or
+    ``quantizer-`` and a key of ``QUANTIZER_CASES`` (``quantizer-ternary``).
+    """
+    case = name.removeprefix("quantizer-")
+    if name.startswith("quantizer-") and case in QUANTIZER_CASES:
+        return quantizer_model(*QUANTIZER_CASES[case]), [QUANTIZER_SOURCE]
+    function = globals().get(name)
+    takes_nothing = inspect.isfunction(function) and all(
+        p.default is not p.empty for p in inspect.signature(function).parameters.values()
+    )
+    if name.startswith("_") or not takes_nothing:
+        raise ValueError(f"No test model is called {name!r}")
+    model = function()
+    return model, [INPUT_QUANTIZER] * len(model.inputs)
+
+
+def upsampling_2d(interpolation: str = "nearest") -> keras.Model:
+    """One UpSampling2D between two convolutions, to see what FINN makes of it alone."""
+    image = keras.Input((4, 4, 2), name="image")
+    x = _qconv2d(3, 3, "before", "quantized_relu(4,1)")(image)
+    x = keras.layers.UpSampling2D(2, interpolation=interpolation, name="up")(x)
+    x = _qconv2d(2, 3, "after", "quantized_relu(6,2)")(x)
+    return _spread_weights(keras.Model(image, x, name=f"upsampling_2d_{interpolation}"))
+
+
+def upsampling_2d_bilinear() -> keras.Model:
+    """``upsampling_2d`` with bilinear interpolation."""
+    return upsampling_2d("bilinear")
+
+
+def quantized_pooling() -> keras.Model:
+    """QAveragePooling2D (2x2) and QGlobalAveragePooling2D, each with an average_quantizer,
+    and a QSeparableConv2D with depth multiplier 1 between them."""
+    image = keras.Input((8, 8, 2), name="image")
+    x = _qconv2d(4, 3, "conv", "quantized_relu(4,1)")(image)
+    x = q.QAveragePooling2D(2, average_quantizer="quantized_bits(8,2,1)", name="pool")(x)
+    x = q.QSeparableConv2D(
+        4,
+        3,
+        padding="same",
+        depthwise_quantizer=SMALL_KERNEL,
+        pointwise_quantizer=SMALL_KERNEL,
+        bias_quantizer=WIDE_BIAS,
+        name="separable",
+    )(x)
+    x = q.QActivation("quantized_relu(5,2)", name="act")(x)
+    x = q.QGlobalAveragePooling2D(average_quantizer="quantized_bits(8,2,1)", name="gap")(x)
+    outputs = _qdense(3, "head")(x)
+    return _spread_weights(keras.Model(image, outputs, name="quantized_pooling"))

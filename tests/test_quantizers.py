@@ -5,83 +5,20 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import qkeras
 from onnx import helper
 
 import bnfold
+import builders
 from bnfold.errors import QuantizerError
 from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.hls4ml import prepare_for_hls4ml
-from bnfold.keras import keras, quantizers
+from bnfold.keras import quantizers
 from bnfold.quantizer_table import QUANTIZERS
 from hls4ml_runs import compiled_hls4ml, hls4ml_model
 
-SOURCE = "quantized_bits(8,3,0,1,alpha=1)"
-BIAS = "quantized_bits(8,3,1,alpha=1)"
-PO2_ALPHA = np.array([0.5, 1.0, 2.0, 0.25], dtype=np.float32)
-
-# id: (kernel quantizer of the first layer, its activation quantizer or None, layer kind)
-CASES = {
-    "binary-kernel": ("binary()", None, "dense"),
-    "binary-alpha1-kernel": ("binary(alpha=1)", None, "dense"),
-    "stochastic_binary-kernel": ("stochastic_binary()", None, "dense"),
-    "ternary-kernel": ("ternary()", None, "dense"),
-    "ternary-threshold-kernel": ("ternary(alpha=1,threshold=0.5)", None, "dense"),
-    "stochastic_ternary-kernel": ("stochastic_ternary()", None, "dense"),
-    "po2-kernel": ("quantized_po2(4)", None, "dense"),
-    "po2-max1-kernel": ("quantized_po2(5,1)", None, "conv"),
-    "relu_po2-kernel": ("quantized_relu_po2(4)", None, "dense"),
-    "bits-alpha-float-kernel": ("quantized_bits(4,0,1,alpha=0.5)", None, "dense"),
-    "bits-alpha-array-kernel": (quantizers.quantized_bits(4, 0, 1, alpha=PO2_ALPHA), None, "conv"),
-    "ternary-alpha-float-kernel": ("ternary(alpha=0.25)", None, "dense"),
-    "bits-unsigned-kernel": ("quantized_bits(4,1,0,0,alpha=1)", None, "dense"),
-    "bits-symmetric-kernel": ("quantized_bits(4,1,1,1,alpha=1)", None, "conv"),
-    "tanh-kernel": ("quantized_tanh(4)", None, "dense"),
-    "bits-unsigned": (None, "quantized_bits(6,2,0,0,alpha=1)", "dense"),
-    "bits-symmetric": (None, "quantized_bits(6,2,1,1,alpha=1)", "conv"),
-    "relu-slope": (None, "quantized_relu(5,2,negative_slope=0.25)", "dense"),
-    "relu-slope-half": (None, "quantized_relu(4,1,negative_slope=0.5)", "conv"),
-    "binary": (None, "binary()", "dense"),
-    "stochastic_binary": (None, "stochastic_binary()", "conv"),
-    "ternary": (None, "ternary()", "dense"),
-    "ternary-threshold": (None, "ternary(threshold=0.5)", "conv"),
-    "stochastic_ternary": (None, "stochastic_ternary()", "dense"),
-    "po2": (None, "quantized_po2(4)", "dense"),
-    "po2-max": (None, "quantized_po2(5,4)", "conv"),
-    "relu_po2": (None, "quantized_relu_po2(4,4)", "dense"),
-    "relu_po2-quadratic": (None, "quantized_relu_po2(5,quadratic_approximation=True)", "dense"),
-    "tanh": (None, "quantized_tanh(4)", "dense"),
-    "tanh-symmetric-real": (None, "quantized_tanh(6,0,1,1)", "conv"),
-    "sigmoid": (None, "quantized_sigmoid(5)", "dense"),
-    "sigmoid-symmetric-real": (None, "quantized_sigmoid(6,1,1)", "dense"),
-    "hswish": (None, "quantized_hswish(8,2)", "dense"),
-    "hswish-symmetric": (None, "quantized_hswish(6,3,1)", "conv"),
-}
-
-
-def build(kernel, activation, kind: str, seed: int = 0) -> keras.Model:
-    """A MAC layer with ``kernel`` (or 4-bit weights), ``activation``, then a QDense."""
-    kernel = kernel or "quantized_bits(4,0,1,alpha=1)"
-    if kind == "conv":
-        inputs = keras.Input((5, 5, 3))
-        x = qkeras.QConv2D(4, 3, kernel_quantizer=kernel, bias_quantizer=BIAS, name="first")(inputs)
-        x = keras.layers.Flatten(name="flat")(x)
-    else:
-        inputs = keras.Input((8,))
-        x = qkeras.QDense(6, kernel_quantizer=kernel, bias_quantizer=BIAS, name="first")(inputs)
-    if activation is not None:
-        x = qkeras.QActivation(activation, name="act")(x)
-    x = qkeras.QDense(
-        3, kernel_quantizer="quantized_bits(6,0,1,alpha=1)", bias_quantizer=BIAS, name="last"
-    )(x)
-    model = keras.Model(inputs, x)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        weights = layer.get_weights()
-        if weights:
-            layer.set_weights([rng.normal(0.0, 1.0, w.shape).astype(np.float32) for w in weights])
-    return model
+SOURCE = builders.QUANTIZER_SOURCE
+CASES = builders.QUANTIZER_CASES
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +26,7 @@ def exported():
     """Each case's model and its export, built once."""
     result = {}
     for name, (kernel, activation, kind) in CASES.items():
-        model = build(kernel, activation, kind)
+        model = builders.quantizer_model(kernel, activation, kind)
         result[name] = (model, bnfold.export_onnx(model, source_quantizers=[SOURCE]))
     return result
 
@@ -183,7 +120,7 @@ def test_every_qkeras_quantizer_class_has_one_entry():
     ],
 )
 def test_quantizers_qonnx_cannot_express_are_refused_by_name(kernel, activation, mentions):
-    model = build(kernel, activation, "dense")
+    model = builders.quantizer_model(kernel, activation, "dense")
     with pytest.raises(QuantizerError, match=mentions):
         bnfold.export_onnx(model, source_quantizers=[SOURCE], verify=False)
 

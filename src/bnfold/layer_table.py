@@ -123,6 +123,19 @@ def _table(measured: float) -> str:
 
 
 _FLOAT_OP = "no (float op, left to software)"
+# FINN's step_streamline lowers a grouped Conv only when it has as many outputs as inputs
+# (qonnx's LowerConvsToMatMul); measured on golden separable_gap (README, FINN section).
+_MULTIPLIER_STOPS = (
+    "depth_multiplier > 1: no (step_streamline stops: qonnx's LowerConvsToMatMul "
+    "cannot lower the grouped Conv)"
+)
+_FINN_BY_KIND = {
+    "Depthwise": f"yes, depth_multiplier 1; {_MULTIPLIER_STOPS}",
+    "Separable": (
+        "depth_multiplier 1: streamlined exactly, its hardware not measured (in "
+        f"quantized_pooling it follows a software AveragePool); {_MULTIPLIER_STOPS}"
+    ),
+}
 
 
 # A MAC layer's kernels, by kind: the kernel attribute and its quantizer's name
@@ -151,7 +164,7 @@ def _mac(name: str, float_class: str, quantized: bool, onnx: str, hls4ml: str) -
         f"{onnx} (+ Quant on weights)" if quantized else onnx,
         "exact" if quantized else "exact if its weights and input are fixed point",
         hls4ml,
-        "yes" if quantized else _FLOAT_OP,
+        _FINN_BY_KIND.get(kind, "yes") if quantized else _FLOAT_OP,
         mac=MacLayerType(kernels, float_class),
     )
 
@@ -181,7 +194,12 @@ def _float(
     )
 
 
-_FINN_UNMEASURED = "not measured (FINN does not run here)"
+# What FINN's build steps made of these layers in the test models (README, FINN section).
+_FINN_SEQUENCE = (
+    "no (in sequence_decoder, FINN's step_qonnx_to_finn leaves tensors without shapes, so the "
+    "model no longer executes, and step_convert_to_hw stops: IndexError)"
+)
+_FINN_SOFTWARE = "no ({} stays in software at step_convert_to_hw{})"
 _PAD_1D = "no (hls4ml 1.3.0 mis-shapes a 1-D Pad: the next Reshape's shapes differ)"
 
 
@@ -378,19 +396,22 @@ LAYERS: dict[str, LayerSpec] = {
                 f"{onnx}; with average_quantizer then Mul (count), Mul (quantized 1/count)",
                 "exact over a power-of-two count, else float",
                 hls4ml,
-                _FINN_UNMEASURED,
+                finn,
                 type_rule=typerules.quantized_average_pooling,
             )
-            for name, onnx, hls4ml in (
+            for name, onnx, hls4ml, finn in (
                 (
                     "QAveragePooling2D",
                     "AveragePool",
                     "no (its C simulation differs with average_quantizer; measured on 2x2)",
+                    "no (exact through step_streamline, then its AveragePool stays in software)",
                 ),
                 (
                     "QGlobalAveragePooling2D",
                     "ReduceMean or GlobalAveragePool",
                     "yes over a power-of-two count",
+                    "partly (exact through step_streamline; its sum becomes GlobalAccPool, its "
+                    "Mul by 1/count stays in software)",
                 ),
             )
         ),
@@ -400,7 +421,7 @@ LAYERS: dict[str, LayerSpec] = {
             "Split, Concat",
             "exact",
             _no_handler("Split"),
-            _FINN_UNMEASURED,
+            _FINN_SEQUENCE,
             type_rule=typerules.upsampling,
         ),
         LayerSpec(
@@ -409,7 +430,10 @@ LAYERS: dict[str, LayerSpec] = {
             "Resize (nearest, linear or cubic)",
             "exact; bilinear: exact over power-of-two factors; bicubic, area: float",
             "no (hls4ml 1.3.0 fails on the empty roi input of tf2onnx's Resize)",
-            _FINN_UNMEASURED,
+            _FINN_SOFTWARE.format(
+                "Resize",
+                "; with --round-half-even one step off: bnfold.finn follows no grid through it",
+            ),
             type_rule=typerules.upsampling,
         ),
         _plain(
@@ -417,20 +441,20 @@ LAYERS: dict[str, LayerSpec] = {
             typerules.same,
             "Unsqueeze, Tile",
             _no_handler("Unsqueeze"),
-            _FINN_UNMEASURED,
+            _FINN_SEQUENCE,
         ),
         _plain("Add", typerules.add, "Add"),
-        _plain("Subtract", typerules.subtract, "Sub", finn=_FINN_UNMEASURED),
-        _plain("Multiply", typerules.multiply, "Mul", finn=_FINN_UNMEASURED),
-        _plain("Maximum", typerules.union, "Max", finn=_FINN_UNMEASURED),
-        _plain("Minimum", typerules.union, "Min", finn=_FINN_UNMEASURED),
+        _plain("Subtract", typerules.subtract, "Sub", finn="yes (ElementwiseSub)"),
+        _plain("Multiply", typerules.multiply, "Mul", finn="yes (ElementwiseMul)"),
+        _plain("Maximum", typerules.union, "Max", finn="yes (ElementwiseMax)"),
+        _plain("Minimum", typerules.union, "Min", finn=_FINN_SOFTWARE.format("Min", "")),
         LayerSpec(
             "Average",
             "copy",
             "Add, Mul",
             "exact over a power-of-two number of inputs, else float",
             "no (hls4ml 1.3.0 fails making the Mul by 1/n an ApplyAlpha: its bias type)",
-            _FINN_UNMEASURED,
+            "yes over a power-of-two number of inputs (ElementwiseAdd, ElementwiseMul)",
             type_rule=typerules.average,
         ),
         _plain(

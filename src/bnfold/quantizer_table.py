@@ -618,6 +618,20 @@ def _po2(signed: bool) -> Callable[[Any, _Context], FixedPoint]:
     return lambda quantizer, context: _power_of_two(quantizer, context, signed=signed)
 
 
+# What FINN's build steps made of the quantizers in the test models (README, FINN section).
+_FINN_BINARY = (
+    "weights yes; activations after a Dense yes, after a convolution no (step_convert_to_hw "
+    "stops: MultiThreshold out_scale must be 1)"
+)
+_FINN_TERNARY = (
+    "yes; on activations not with bnfold.finn.step_round_half_to_even, which rounds their "
+    "HALF_UP ties to even"
+)
+_FINN_HARD_SIGMOID = (
+    "Tanh/Sigmoid: yes (PWPolyF); the hard sigmoid: no (its Min stays in software at "
+    "step_convert_to_hw)"
+)
+
 QUANTIZERS: dict[str, QuantizerKind] = {
     kind.name: kind
     for kind in (
@@ -639,7 +653,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "Relu + Quant (negative_slope, a power of two: LeakyRelu + Max + Quant)",
             "exact",
             "yes (negative_slope: no, it fails on the Max with a constant: IndexError)",
-            "yes (negative_slope: no, float ops)",
+            "yes (negative_slope: no, its LeakyRelu stays in software at step_convert_to_hw)",
         ),
         QuantizerKind(
             "quantized_po2",
@@ -650,7 +664,8 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "ops (Abs, Log, Round, Min, Max, Pow, Sign, ...) + Quant",
             f"exact on weights; on activations {_FLOAT_OP_EXACT}",
             "weights yes; activations no (no handler for Log)",
-            "weights yes; activations no (float ops, left to software)",
+            "weights yes; activations no (streamlined exactly, then step_convert_to_hw stops: "
+            "MultiThreshold out_scale must be 1)",
         ),
         QuantizerKind(
             "quantized_relu_po2",
@@ -661,7 +676,8 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "ops (Relu, Log, Round, Min, Max, Pow, ...) + Quant",
             f"exact on weights; on activations {_FLOAT_OP_EXACT}",
             "weights yes; activations no (no handler for Log)",
-            "weights yes; activations no (float ops, left to software)",
+            "weights yes; activations no (its Log, Pow, Round, Neg, Not, Cast stay in software "
+            "at step_convert_to_hw)",
         ),
         QuantizerKind(
             "binary",
@@ -671,7 +687,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             f"{_ON_WEIGHTS}; BipolarQuant on activations (not use_01)",
             "exact",
             "yes",
-            "yes",
+            _FINN_BINARY,
         ),
         QuantizerKind(
             "stochastic_binary",
@@ -681,7 +697,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "as binary (deterministic at inference)",
             "exact",
             "yes",
-            "yes",
+            _FINN_BINARY,
         ),
         QuantizerKind(
             "ternary",
@@ -692,7 +708,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "exact on weights; on activations exact unless an input lies within float32 "
             "rounding of the threshold (checked at export)",
             "weights yes; activations no (its Quant reads only ROUND and FLOOR)",
-            "weights yes; activations untested",
+            _FINN_TERNARY,
         ),
         QuantizerKind(
             "stochastic_ternary",
@@ -702,7 +718,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "as ternary (deterministic at inference)",
             "as ternary",
             "weights yes; activations no (its Quant reads only ROUND and FLOOR)",
-            "weights yes; activations untested",
+            _FINN_TERNARY,
         ),
         QuantizerKind(
             "quantized_tanh",
@@ -712,7 +728,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "2 * hard sigmoid - 1 (Mul, Add, Min, Max) or Tanh (use_real_tanh) + Quant",
             f"exact with the hard sigmoid; Tanh: {_FLOAT_OP_EXACT}",
             "no (hls4ml 1.3.0 fails on its Min/Max with a constant: IndexError)",
-            "no (float ops, left to software)",
+            _FINN_HARD_SIGMOID,
         ),
         QuantizerKind(
             "quantized_sigmoid",
@@ -722,7 +738,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "hard sigmoid (Mul, Add, Min, Max) or Sigmoid (use_real_sigmoid) + Quant",
             f"exact with the hard sigmoid; Sigmoid: {_FLOAT_OP_EXACT}",
             "no (hls4ml 1.3.0 fails on its Min/Max with a constant: IndexError)",
-            "no (float ops, left to software)",
+            _FINN_HARD_SIGMOID,
         ),
         QuantizerKind(
             "quantized_hswish",
@@ -732,7 +748,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "hard swish (Add, LessOrEqual, Not, Cast, Relu, Mul) + Quant",
             _FLOAT_OP_EXACT,
             "no (no handler for LessOrEqual)",
-            "no (float ops, left to software)",
+            "no (its Not and Cast stay in software at step_convert_to_hw)",
         ),
         QuantizerKind("bernoulli", None, _RANDOM, None, *_REFUSED),
         QuantizerKind(
