@@ -5,8 +5,11 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
+import onnx
 
 import bnfold
+from bnfold.export.verify import qonnx_outputs, sample_inputs
+from bnfold.fixedpoint import FixedPoint
 from bnfold.folding import folded_layer_type
 from bnfold.keras import keras, qkeras, quantizers
 
@@ -693,3 +696,12 @@ def quantized_pooling() -> keras.Model:
     x = q.QGlobalAveragePooling2D(average_quantizer="quantized_bits(8,2,1)", name="gap")(x)
     outputs = _qdense(3, "head")(x)
     return _spread_weights(keras.Model(image, outputs, name="quantized_pooling"))
+
+
+def assert_qonnx_equals_qkeras(model, onnx_model, source: str, *, count: int, seed: int) -> None:
+    """The export passes onnx.checker's full check, and qonnx's execution of it equals
+    QKeras bit for bit on ``count`` samples on the input quantizer ``source``'s grid."""
+    onnx.checker.check_model(onnx_model, full_check=True)
+    inputs = sample_inputs(model, [FixedPoint.from_quantizer(source)], count=count, seed=seed)
+    (result,) = qonnx_outputs(onnx_model, inputs)
+    np.testing.assert_array_equal(result, model.predict(inputs, verbose=0))

@@ -19,7 +19,7 @@ import bnfold
 import builders
 from bnfold.accumulator import infer_types
 from bnfold.errors import UntypedAccumulatorWarning
-from bnfold.export.verify import qonnx_outputs, sample_inputs
+from bnfold.export.verify import sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.keras import keras, qkeras
 from bnfold.typerules import Untyped
@@ -95,11 +95,7 @@ def exported():
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_qonnx_execution_equals_qkeras_bit_for_bit(exported, name):
-    model, onnx_model = exported[name]
-    onnx.checker.check_model(onnx_model, full_check=True)
-    inputs = sample_inputs(model, [FixedPoint.from_quantizer(SOURCE)], count=64, seed=4)
-    (result,) = qonnx_outputs(onnx_model, inputs)
-    np.testing.assert_array_equal(result, model.predict(inputs, verbose=0))
+    builders.assert_qonnx_equals_qkeras(*exported[name], SOURCE, count=64, seed=4)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -18,7 +18,6 @@ from onnx import numpy_helper
 import bnfold
 import builders
 from bnfold.accumulator import mac_types
-from bnfold.export.verify import qonnx_outputs, sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.keras import keras, qkeras
 from hls4ml_runs import hls4ml_predictions
@@ -153,11 +152,7 @@ def _metadata(node: onnx.NodeProto) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_qonnx_execution_equals_qkeras_bit_for_bit(exported, name):
-    model, onnx_model = exported[name]
-    onnx.checker.check_model(onnx_model, full_check=True)
-    inputs = sample_inputs(model, [FixedPoint.from_quantizer(SOURCE)], count=16, seed=11)
-    (result,) = qonnx_outputs(onnx_model, inputs)
-    np.testing.assert_array_equal(result, model.predict(inputs, verbose=0))
+    builders.assert_qonnx_equals_qkeras(*exported[name], SOURCE, count=16, seed=11)
 
 
 def _interval(weights, low, high):

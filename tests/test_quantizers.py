@@ -10,7 +10,7 @@ from onnx import helper
 import bnfold
 import builders
 from bnfold.errors import QuantizerError
-from bnfold.export.verify import qonnx_outputs, sample_inputs
+from bnfold.export.verify import sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.hls4ml import prepare_for_hls4ml
 from bnfold.keras import quantizers
@@ -33,11 +33,7 @@ def exported():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_qonnx_execution_equals_qkeras_bit_for_bit(exported, name):
-    model, onnx_model = exported[name]
-    onnx.checker.check_model(onnx_model, full_check=True)
-    inputs = sample_inputs(model, [FixedPoint.from_quantizer(SOURCE)], count=256, seed=11)
-    expected = model.predict(inputs, verbose=0)
-    np.testing.assert_array_equal(qonnx_outputs(onnx_model, inputs)[0], expected)
+    builders.assert_qonnx_equals_qkeras(*exported[name], SOURCE, count=256, seed=11)
 
 
 def _quant_nodes(onnx_model, role):
