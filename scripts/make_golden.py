@@ -30,12 +30,15 @@ import numpy as np
 
 import bnfold
 import golden_records
+import supported_versions
 from bnfold.fixedpoint import FixedPoint
 from bnfold.graph import iter_layers
 from bnfold.keras import keras, qkeras
 from golden_records import GOLDEN, MODEL_LEVEL, MODEL_NAMES, Difference
 
 SEED = 20261125
+# The one stack whose numbers golden/ records (constraints/reference.txt).
+REFERENCE_ROW = "py3.11-reference"
 QDenseBatchnorm = bnfold.layers.QDenseBatchnorm
 
 
@@ -493,6 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.names) - set(MODEL_NAMES))
     if unknown:
         parser.error(f"unknown models {', '.join(unknown)}; choose from {', '.join(MODEL_NAMES)}")
+    off_reference = supported_versions.mismatches(supported_versions.table()[REFERENCE_ROW])
+    if not args.check and off_reference:
+        parser.error(
+            f"golden/ is written only by the reference stack ({REFERENCE_ROW} in the README); "
+            f"here {'; '.join(off_reference)}. Use --check to compare"
+        )
     failed = False
     for name in args.names or MODEL_NAMES:
         differences = rebuild(name, args.directory, write=not args.check)

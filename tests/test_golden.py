@@ -274,6 +274,21 @@ def test_check_rebuilds_identically_and_prints_each_difference(tmp_path, capsys)
     assert path.read_text() == tampered  # --check writes nothing
 
 
+def test_writing_is_refused_off_the_reference_stack(tmp_path, monkeypatch, capsys):
+    """golden/ records the reference stack's numbers; another stack may only --check."""
+    monkeypatch.setattr(
+        make_golden.supported_versions,
+        "mismatches",
+        lambda row: ["tf2onnx: README 1.17.0, installed 1.16.1"],
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        make_golden.main(["--directory", str(tmp_path), "jet_tagging_mlp"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "py3.11-reference" in error and "tf2onnx: README 1.17.0, installed 1.16.1" in error
+    assert not any(tmp_path.iterdir())
+
+
 def test_readme_quick_start_exports_the_jet_tagging_mlp(tmp_path, capsys):
     from bnfold.export.__main__ import main
 
