@@ -9,7 +9,8 @@
   pads, strides and dilations; a Reshape that tf2onnx wrote for a layout change
   is a Transpose again, so that layout inference can follow it.
 - Graph inputs and outputs carry their ``tensor_layout`` (and inputs their
-  ``finn_datatype``) as quantization annotations, for qonnx and FINN.
+  ``finn_datatype``) as quantization annotations, for qonnx and FINN; an
+  activation Quant whose ``rounding_mode`` is not ROUND, that mode.
 - Every node gets ``bnfold.*`` metadata naming its Keras layer; MAC nodes also
   their quantizers and accumulator type; the model a summary.
 
@@ -425,13 +426,23 @@ class _Annotator:
             layout = graph_layout(len(value.type.tensor_type.shape.dim), channels_first)
             if layout is not None:
                 entries["tensor_layout"] = str(layout)
-            if not entries:
+            _annotate(self.graph, value.name, entries)
+
+    def rounding_annotations(self) -> None:
+        """An activation Quant's ``rounding_mode`` other than ROUND, on its output too.
+
+        FINN's conversion replaces the Quant by thresholds and forgets its rounding;
+        ``bnfold.finn``'s step reads it here (qonnx renames annotations with tensors).
+        """
+        initializers = {tensor.name for tensor in self.graph.initializer}
+        for node in self.graph.node:
+            if node.op_type != "Quant" or node.input[0] in initializers:
                 continue
-            annotation = onnx.TensorAnnotation(tensor_name=value.name)
-            for key, text in entries.items():
-                entry = annotation.quant_parameter_tensor_names.add()
-                entry.key, entry.value = key, text
-            self.graph.quantization_annotation.append(annotation)
+            mode = helper.get_attribute_value(
+                next(a for a in node.attribute if a.name == "rounding_mode")
+            ).decode()
+            if mode != "ROUND":
+                _annotate(self.graph, node.output[0], {"rounding_mode": mode})
 
     def finish(self) -> None:
         """Add the new initializers, and each weight's Quant node just before its first consumer.
@@ -452,6 +463,18 @@ class _Annotator:
         del self.graph.initializer[:]
         self.graph.initializer.extend(live)
         self.model.opset_import.append(helper.make_opsetid(QONNX_DOMAIN, QONNX_OPSET))
+
+
+def _annotate(graph: onnx.GraphProto, tensor: str, entries: dict[str, str]) -> None:
+    """Add ``entries`` to ``tensor``'s quantization annotation (made if it has none)."""
+    if not entries:
+        return
+    annotation = next((a for a in graph.quantization_annotation if a.tensor_name == tensor), None)
+    if annotation is None:
+        annotation = graph.quantization_annotation.add(tensor_name=tensor)
+    for key, text in entries.items():
+        entry = annotation.quant_parameter_tensor_names.add()
+        entry.key, entry.value = key, text
 
 
 def _infer_shapes(model: onnx.ModelProto) -> None:
@@ -564,6 +587,7 @@ def annotate(
     annotator.layer_metadata()
     annotator.output_names()
     annotator.interface_annotations(channels_first)
+    annotator.rounding_annotations()
     summary = {
         "layers": json.dumps([record.summary() for record in stripped.layers.values()]),
         **annotator.float_tail(),
