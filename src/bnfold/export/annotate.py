@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from bnfold.export.strip import (
     marker_index,
     point_constant,
 )
+from bnfold.graph import propagate
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_OPSET = 1
@@ -355,7 +357,8 @@ class _Annotator:
     # ----------------------------------------------------------------- metadata
 
     def layer_metadata(self) -> None:
-        """``bnfold.layer`` on every node: from its name's scope, else from its neighbours."""
+        """``bnfold.layer`` on every node: from its name's scope, else the one float layer
+        with no node of its own between the layers around it, else from its neighbours."""
         scopes = self.stripped.scopes
         for node in self.graph.node:
             if _metadata(node, "layer") is None:
@@ -364,6 +367,7 @@ class _Annotator:
                     _set_metadata(node, layer=scopes[match.group(1)])
         producers = {output: node for node in self.graph.node for output in node.output}
         consumers = _consumers(self.graph)
+        self._layers_between(producers, consumers)
         changed = True
         while changed:
             changed = False
@@ -393,6 +397,58 @@ class _Annotator:
                 accumulator=record.accumulator_marker(),
                 accumulator_hls=record.accumulator and record.accumulator.hls(),
             )
+
+    def _layers_between(
+        self,
+        producers: dict[str, onnx.NodeProto],
+        consumers: defaultdict[str, list[onnx.NodeProto]],
+    ) -> None:
+        """Name the layer of each node tf2onnx named outside every scope.
+
+        tf2onnx names some nodes afresh (``Resize__29``: its transpose optimizer
+        rebuilds an UpSampling2D's Resize, and its constants), so the name says
+        nothing; their neighbours belong to the layers before and after. The node
+        computes a float layer that has no named node and lies between those layers
+        in the float model; it is taken when there is exactly one.
+        """
+        scopes = self.stripped.scopes
+        float_layer: dict[str, str] = {}  # node name -> the float layer named in it
+        for node in self.graph.node:
+            for name in (node.name, *node.output):
+                match = _SCOPE.search(name)
+                if match and match.group(1) in scopes:
+                    float_layer[node.name] = match.group(1)
+                    break
+        named = {layer: layer for layer in float_layer.values()}
+        inputs = _float_inputs(self.stripped.model)
+        outputs: defaultdict[str, list[str]] = defaultdict(list)
+        for layer, sources in inputs.items():
+            for source in sources:
+                outputs[source].append(layer)
+        between: defaultdict[tuple[frozenset[str], frozenset[str]], list[str]]
+        between = defaultdict(list)
+        for layer in inputs:
+            if layer in scopes and layer not in named:
+                before = _first_labelled(inputs[layer], named.get, inputs.__getitem__)
+                after = _first_labelled(outputs[layer], named.get, outputs.__getitem__)
+                between[before, after].append(layer)
+        upstream = {
+            node.name: [producers[name].name for name in node.input if name in producers]
+            for node in self.graph.node
+        }
+        downstream = {
+            node.name: [other.name for name in node.output for other in consumers[name]]
+            for node in self.graph.node
+        }
+
+        for node in self.graph.node:
+            if node.name in float_layer or _metadata(node, "layer") is not None:
+                continue
+            before = _first_labelled(upstream[node.name], float_layer.get, upstream.__getitem__)
+            after = _first_labelled(downstream[node.name], float_layer.get, downstream.__getitem__)
+            candidates = between.get((before, after), [])
+            if len(candidates) == 1:
+                _set_metadata(node, layer=scopes[candidates[0]])
 
     def output_names(self) -> None:
         """Name the graph outputs after the Keras model's outputs, not the float layers."""
@@ -463,6 +519,40 @@ class _Annotator:
         del self.graph.initializer[:]
         self.graph.initializer.extend(live)
         self.model.opset_import.append(helper.make_opsetid(QONNX_DOMAIN, QONNX_OPSET))
+
+
+def _first_labelled(
+    start: list[str], label: Callable[[str], str | None], step: Callable[[str], list[str]]
+) -> frozenset[str]:
+    """The labels of the items first reached from ``start`` along ``step``: the walk
+    stops at each item that has one."""
+    found: set[str] = set()
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        item = todo.pop()
+        if item in seen:
+            continue
+        seen.add(item)
+        labelled = label(item)
+        if labelled is None:
+            todo.extend(step(item))
+        else:
+            found.add(labelled)
+    return frozenset(found)
+
+
+def _float_inputs(model: Any) -> dict[str, list[str]]:
+    """Each layer of the float model, by name, with the names of the layers it reads."""
+    inputs: dict[str, list[str]] = {}
+
+    def visit(layer: Any, values: list[str | None], path: str) -> list[str]:
+        inputs[layer.name] = [value for value in values if value is not None]
+        produced = layer.get_output_at(0)
+        return [layer.name] * (len(produced) if isinstance(produced, list | tuple) else 1)
+
+    propagate(model, [None] * len(model.inputs), visit)
+    return inputs
 
 
 def _annotate(graph: onnx.GraphProto, tensor: str, entries: dict[str, str]) -> None:
