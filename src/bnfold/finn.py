@@ -40,7 +40,13 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 from qonnx.util.basic import get_by_name
 
-__all__ = ["RoundHalfToEven", "rounding_mode", "step_round_half_to_even", "tensor_grids"]
+__all__ = [
+    "ROUNDING_ANNOTATION",
+    "RoundHalfToEven",
+    "rounding_mode",
+    "step_round_half_to_even",
+    "tensor_grids",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +83,8 @@ _TIE_GOES_DOWN = {
     "HALF_UP": lambda lower: lower < 0,  # half away from zero
     "HALF_DOWN": lambda lower: lower >= 0,  # half toward zero
 }
-_ROUNDING_KEY = "rounding_mode"
+# The quantization annotation key under which the exporter keeps a Quant's rounding mode.
+ROUNDING_ANNOTATION = "rounding_mode"
 
 
 def _power_of_two_grid(values: Any) -> float:
@@ -293,7 +300,7 @@ def rounding_mode(model: ModelWrapper, node: Any) -> str:
     """
     tensor = node.output[0]
     while True:
-        mode = _annotation(model, tensor, _ROUNDING_KEY)
+        mode = _annotation(model, tensor, ROUNDING_ANNOTATION)
         if mode is not None:
             return mode.upper()
         consumers = model.find_consumers(tensor) or []

@@ -39,6 +39,7 @@ from bnfold.export.strip import (
     marker_index,
     point_constant,
 )
+from bnfold.finn import ROUNDING_ANNOTATION
 from bnfold.graph import propagate
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
@@ -498,7 +499,7 @@ class _Annotator:
                 next(a for a in node.attribute if a.name == "rounding_mode")
             ).decode()
             if mode != "ROUND":
-                _annotate(self.graph, node.output[0], {"rounding_mode": mode})
+                _annotate(self.graph, node.output[0], {ROUNDING_ANNOTATION: mode})
 
     def finish(self) -> None:
         """Add the new initializers, and each weight's Quant node just before its first consumer.
