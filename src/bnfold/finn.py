@@ -1,20 +1,28 @@
-"""FINN's activation thresholds made to round halves to even, as QKeras does.
+"""FINN's activation thresholds made to round ties as the Quant nodes say.
 
 QKeras rounds with ``tf.round`` (half to even), and bnfold's Quant nodes say so
-(``rounding_mode="ROUND"``). FINN's ``ConvertQONNXtoFINN`` turns each activation
-Quant into a ``MultiThreshold`` with one threshold halfway between each pair of
-levels, and a MultiThreshold counts the thresholds its input reaches
-(``x >= t``): an input exactly halfway goes to the upper level, whatever the
-rounding mode said. FINN has no option for other rounding.
+(``rounding_mode="ROUND"``); a ternary activation's Quant rounds halves away from
+zero (``"HALF_UP"``). FINN's ``ConvertQONNXtoFINN`` turns each activation Quant
+into a ``MultiThreshold`` with one threshold halfway between each pair of levels,
+and a MultiThreshold counts the thresholds its input reaches (``x >= t``): an
+input exactly halfway goes to the upper level, whatever the rounding mode said.
+FINN has no option for other rounding.
 
-``RoundHalfToEven`` moves the thresholds whose lower level is even up by half
-the grid step of their input. No input value lies strictly between a threshold
-and its raised value, so only the ties change, and they go to the even level.
-FINN's later ``RoundAndClipThresholds`` (a ceiling onto the integer input of a
-streamlined graph) keeps the difference. The grid step of each tensor is
-propagated from the graph inputs' datatypes and the constants, as powers of two;
-a threshold whose input grid is unknown (a float input, an average over a
-window that is not a power of two) is left alone, with a warning.
+``RoundHalfToEven`` moves up, by half the grid step of their input, the
+thresholds whose ties the Quant's rounding mode sends to the lower level. No
+input value lies strictly between a threshold and its raised value, so only the
+ties change. FINN's later ``RoundAndClipThresholds`` (a ceiling onto the integer
+input of a streamlined graph) keeps the difference. The grid step of each tensor
+is propagated from the graph inputs' datatypes and the constants, as powers of
+two, through what each op does to values; a threshold whose input grid is
+unknown (a float input, an average over a window that is not a power of two) is
+left alone, with a warning.
+
+FINN's conversion drops the Quant node, and with it ``rounding_mode``, so bnfold
+writes a rounding mode other than QONNX's default ``ROUND`` into the quantization
+annotation of the Quant's output (``rounding_mode``), which qonnx carries through
+its renaming and FINN leaves on the tensor its MultiThreshold (or the Add and Mul
+after it) writes. A MultiThreshold without one rounds as ``ROUND``.
 
 This module needs only numpy and qonnx, so that FINN's environment can load it
 without TensorFlow (``scripts/check_finn.py`` does).
@@ -27,15 +35,22 @@ import math
 from typing import Any
 
 import numpy as np
+from onnx import helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 from qonnx.util.basic import get_by_name
 
-__all__ = ["RoundHalfToEven", "step_round_half_to_even"]
+__all__ = [
+    "ROUNDING_ANNOTATION",
+    "RoundHalfToEven",
+    "rounding_mode",
+    "step_round_half_to_even",
+    "tensor_grids",
+]
 
 logger = logging.getLogger(__name__)
 
-# Ops whose output values are some of their (first) input's values.
+# Ops whose output values are some of their first input's values (or 0, Relu's).
 _SAME_GRID = frozenset(
     (
         "Relu",
@@ -47,17 +62,29 @@ _SAME_GRID = frozenset(
         "Squeeze",
         "Unsqueeze",
         "Identity",
-        "Pad",
-        "Im2Col",
         "Split",
         "Slice",
         "Gather",
+        "Tile",
+        "Expand",
+        "Neg",
+        "Abs",
     )
 )
-# Ops whose output is on the finest grid of their inputs.
-_FINEST_GRID = frozenset(("Add", "Sub", "Concat", "Max", "Min"))
+# Ops whose output is on the finest grid of their inputs: sums, or some of their values.
+_FINEST_GRID = frozenset(("Add", "Sub", "Concat", "Max", "Min", "Clip"))
 # Ops whose output grid is the product of their inputs' grids.
 _PRODUCT_GRID = frozenset(("Mul", "MatMul", "Conv"))
+# Which ties each rounding mode sends to the lower of the two levels, by that level
+# (an integer): QONNX's modes that round to nearest (qonnx's resolve_rounding_mode).
+_TIE_GOES_DOWN = {
+    "ROUND": lambda lower: np.mod(lower, 2) == 0,  # half to even
+    "HALF_EVEN": lambda lower: np.mod(lower, 2) == 0,
+    "HALF_UP": lambda lower: lower < 0,  # half away from zero
+    "HALF_DOWN": lambda lower: lower >= 0,  # half toward zero
+}
+# The quantization annotation key under which the exporter keeps a Quant's rounding mode.
+ROUNDING_ANNOTATION = "rounding_mode"
 
 
 def _power_of_two_grid(values: Any) -> float:
@@ -87,9 +114,98 @@ def _window_size(model: ModelWrapper, node: Any) -> int | None:
     return int(np.prod(kernel.ints)) if kernel is not None else None
 
 
+def _attribute(node: Any, name: str, default: Any) -> Any:
+    attribute = get_by_name(node.attribute, name)
+    return default if attribute is None else helper.get_attribute_value(attribute)
+
+
+def _finest(*grids: float | None) -> float | None:
+    return None if None in grids else min(grids)
+
+
+# Input coordinate of output index x along an axis, by Resize's coordinate_transformation_mode
+# (ONNX's definitions; scale = output length / input length).
+_RESIZE_COORDINATES = {
+    b"half_pixel": lambda x, scale, size_in, size_out: (x + 0.5) / scale - 0.5,
+    b"pytorch_half_pixel": lambda x, scale, size_in, size_out: (
+        (x + 0.5) / scale - 0.5 if size_out > 1 else 0 * x
+    ),
+    b"asymmetric": lambda x, scale, size_in, size_out: x / scale,
+    b"align_corners": lambda x, scale, size_in, size_out: (
+        x * (size_in - 1) / (size_out - 1) if size_out > 1 else 0 * x
+    ),
+}
+# A grid finer than this is no grid: the weights are not short binary fractions.
+_FINEST_WEIGHT_GRID = 2.0**-24
+
+
+def _resize_scales(model: ModelWrapper, node: Any) -> tuple[list[int], np.ndarray] | None:
+    """The input shape and the scale along each axis, from ``scales`` or ``sizes``."""
+    shape = model.get_tensor_shape(node.input[0])
+    scales = model.get_initializer(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if shape is None:
+        return None
+    if scales is not None and np.size(scales):
+        return shape, np.asarray(scales, dtype=np.float64)
+    sizes = model.get_initializer(node.input[3]) if len(node.input) > 3 else None
+    if sizes is None:
+        return None
+    return shape, np.asarray(sizes, dtype=np.float64) / np.asarray(shape, dtype=np.float64)
+
+
+def _linear_weights_grid(model: ModelWrapper, node: Any) -> float | None:
+    """The grid of the products of a linear Resize's weights (one per axis).
+
+    Each output is a sum of inputs times, per axis, ``frac`` or ``1 - frac`` of its
+    input coordinate, clamped to the input; their grid is known when each axis's
+    weights are short binary fractions (a power-of-two factor, for example).
+    """
+    coordinates = _RESIZE_COORDINATES.get(
+        _attribute(node, "coordinate_transformation_mode", b"half_pixel")
+    )
+    found = _resize_scales(model, node)
+    if coordinates is None or found is None:
+        return None
+    grid = 1.0
+    for size_in, scale in zip(*found, strict=True):
+        size_out = int(np.floor(size_in * scale))
+        x = np.clip(coordinates(np.arange(size_out), scale, size_in, size_out), 0, size_in - 1)
+        fractions = x - np.floor(x)
+        grid *= _power_of_two_grid(np.concatenate([fractions, 1 - fractions, [1.0]]))
+    return grid if grid >= _FINEST_WEIGHT_GRID else None
+
+
+def _resize_grid(model: ModelWrapper, node: Any, grid: float) -> float | None:
+    """Nearest copies input values (or, cropping, its extrapolation value); linear sums
+    them weighted (its weights' grid); cubic's grid is not followed."""
+    mode = _attribute(node, "mode", b"nearest")
+    if _attribute(node, "coordinate_transformation_mode", b"") == b"tf_crop_and_resize":
+        if mode != b"nearest":
+            return None
+        return _finest(grid, _power_of_two_grid(_attribute(node, "extrapolation_value", 0.0)))
+    if mode == b"nearest":
+        return grid
+    weights = _linear_weights_grid(model, node) if mode == b"linear" else None
+    return None if weights is None else grid * weights
+
+
+def _pad_grid(model: ModelWrapper, node: Any, grid: float) -> float | None:
+    """Pad copies its input, and in ``constant`` mode adds its constant (0 by default)."""
+    if _attribute(node, "mode", b"constant") != b"constant":
+        return grid
+    constant = None
+    if len(node.input) > 2 and node.input[2]:
+        constant = model.get_initializer(node.input[2])
+        if constant is None:
+            return None
+    elif get_by_name(node.attribute, "value") is not None:  # opsets before 11
+        constant = _attribute(node, "value", 0.0)
+    return _finest(grid, _power_of_two_grid(0.0 if constant is None else constant))
+
+
 def _output_grid(model: ModelWrapper, node: Any, grids: dict[str, float | None]) -> float | None:
     """The grid step of ``node``'s outputs, or None when it is not a known power of two."""
-    inputs = [grids.get(name) for name in node.input]
+    inputs = [grids.get(name) for name in node.input if name]
     if node.op_type == "MultiThreshold":
         attributes = {a.name: a.f for a in node.attribute if a.name in ("out_scale", "out_bias")}
         return _power_of_two_grid([attributes.get("out_scale", 1.0), attributes.get("out_bias", 0)])
@@ -100,6 +216,15 @@ def _output_grid(model: ModelWrapper, node: Any, grids: dict[str, float | None])
         return None
     if node.op_type in _SAME_GRID:
         return inputs[0]
+    if node.op_type == "Resize":
+        return _resize_grid(model, node, inputs[0])
+    if node.op_type == "Pad":
+        return _pad_grid(model, node, inputs[0])
+    if node.op_type == "Im2Col":  # FINN's: its padding holds pad_value
+        return _finest(inputs[0], _power_of_two_grid(_attribute(node, "pad_value", 0)))
+    if node.op_type == "LeakyRelu":  # x, or alpha * x
+        alpha = np.float64(_attribute(node, "alpha", 0.01))
+        return _finest(inputs[0], inputs[0] * alpha) if _is_power_of_two(alpha) else None
     if None in inputs:
         return None
     if node.op_type in _FINEST_GRID:
@@ -159,8 +284,40 @@ def _lower_levels(model: ModelWrapper, node: Any, count: int) -> np.ndarray | No
     return offset[:, None] + np.arange(count)[None, :]
 
 
+def _annotation(model: ModelWrapper, tensor: str, key: str) -> str | None:
+    annotation = get_by_name(model.graph.quantization_annotation, tensor, "tensor_name")
+    if annotation is None:
+        return None
+    entry = get_by_name(annotation.quant_parameter_tensor_names, key, "key")
+    return None if entry is None else entry.value
+
+
+def rounding_mode(model: ModelWrapper, node: Any) -> str:
+    """The rounding mode of the Quant a MultiThreshold replaced.
+
+    FINN writes the Quant's output from the MultiThreshold, or from the Add (offset)
+    and Mul (scale) by constants it puts after it; the annotation is on that tensor.
+    """
+    tensor = node.output[0]
+    while True:
+        mode = _annotation(model, tensor, ROUNDING_ANNOTATION)
+        if mode is not None:
+            return mode.upper()
+        consumers = model.find_consumers(tensor) or []
+        if len(consumers) != 1 or consumers[0].op_type not in ("Add", "Mul"):
+            return "ROUND"
+        if model.get_initializer(consumers[0].input[1]) is None:
+            return "ROUND"
+        tensor = consumers[0].output[0]
+
+
 class RoundHalfToEven(Transformation):
-    """Raise the thresholds of each MultiThreshold where QKeras rounds a tie down.
+    """Raise the thresholds of each MultiThreshold where its Quant rounds a tie down.
+
+    ``ROUND`` (QKeras's half to even) and ``HALF_EVEN`` send the ties above an even
+    level down, ``HALF_UP`` (half away from zero) those below zero, ``HALF_DOWN`` those
+    above. Other modes are not to nearest: FINN's thresholds are wrong for them beyond
+    ties, and they are left alone, with a warning.
 
     Run it on the graph ``ConvertQONNXtoFINN`` makes (FINN's
     ``step_qonnx_to_finn``), before streamlining.
@@ -169,6 +326,15 @@ class RoundHalfToEven(Transformation):
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         grids = tensor_grids(model)
         for node in model.get_nodes_by_op_type("MultiThreshold"):
+            mode = rounding_mode(model, node)
+            if mode not in _TIE_GOES_DOWN:
+                logger.warning(
+                    "MultiThreshold %s left as FINN made it: its Quant rounds %s, which "
+                    "thresholds halfway between levels do not express",
+                    node.name,
+                    mode,
+                )
+                continue
             thresholds = model.get_initializer(node.input[1])
             grid = grids.get(node.input[0])
             levels = _lower_levels(model, node, thresholds.shape[1])
@@ -183,7 +349,7 @@ class RoundHalfToEven(Transformation):
             rows = max(thresholds.shape[0], levels.shape[0])
             thresholds = np.broadcast_to(thresholds, (rows, thresholds.shape[1])).astype(np.float64)
             levels = np.broadcast_to(levels, thresholds.shape)
-            ties = (np.mod(thresholds, grid) == 0) & (np.mod(levels, 2) == 0)
+            ties = (np.mod(thresholds, grid) == 0) & _TIE_GOES_DOWN[mode](levels)
             raised = np.where(ties, thresholds + grid / 2, thresholds).astype(np.float32)
             if not np.array_equal(raised.astype(np.float64) > thresholds, ties):
                 logger.warning(

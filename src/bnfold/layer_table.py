@@ -432,7 +432,7 @@ LAYERS: dict[str, LayerSpec] = {
             "no (hls4ml 1.3.0 fails on the empty roi input of tf2onnx's Resize)",
             _FINN_SOFTWARE.format(
                 "Resize",
-                "; with --round-half-even one step off: bnfold.finn follows no grid through it",
+                "; nearest and bilinear exact through the steps before, with --round-half-even",
             ),
             type_rule=typerules.upsampling,
         ),

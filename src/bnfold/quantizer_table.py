@@ -623,10 +623,6 @@ _FINN_BINARY = (
     "weights yes; activations after a Dense yes, after a convolution no (step_convert_to_hw "
     "stops: MultiThreshold out_scale must be 1)"
 )
-_FINN_TERNARY = (
-    "yes; on activations not with bnfold.finn.step_round_half_to_even, which rounds their "
-    "HALF_UP ties to even"
-)
 _FINN_HARD_SIGMOID = (
     "Tanh/Sigmoid: yes (PWPolyF); the hard sigmoid: no (its Min stays in software at "
     "step_convert_to_hw)"
@@ -708,7 +704,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "exact on weights; on activations exact unless an input lies within float32 "
             "rounding of the threshold (checked at export)",
             "weights yes; activations no (its Quant reads only ROUND and FLOOR)",
-            _FINN_TERNARY,
+            "yes",
         ),
         QuantizerKind(
             "stochastic_ternary",
@@ -718,7 +714,7 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "as ternary (deterministic at inference)",
             "as ternary",
             "weights yes; activations no (its Quant reads only ROUND and FLOOR)",
-            _FINN_TERNARY,
+            "yes",
         ),
         QuantizerKind(
             "quantized_tanh",

@@ -9,7 +9,8 @@
   pads, strides and dilations; a Reshape that tf2onnx wrote for a layout change
   is a Transpose again, so that layout inference can follow it.
 - Graph inputs and outputs carry their ``tensor_layout`` (and inputs their
-  ``finn_datatype``) as quantization annotations, for qonnx and FINN.
+  ``finn_datatype``) as quantization annotations, for qonnx and FINN; an
+  activation Quant whose ``rounding_mode`` is not ROUND, that mode.
 - Every node gets ``bnfold.*`` metadata naming its Keras layer; MAC nodes also
   their quantizers and accumulator type; the model a summary.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,8 @@ from bnfold.export.strip import (
     marker_index,
     point_constant,
 )
+from bnfold.finn import ROUNDING_ANNOTATION
+from bnfold.graph import propagate
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_OPSET = 1
@@ -354,7 +358,8 @@ class _Annotator:
     # ----------------------------------------------------------------- metadata
 
     def layer_metadata(self) -> None:
-        """``bnfold.layer`` on every node: from its name's scope, else from its neighbours."""
+        """``bnfold.layer`` on every node: from its name's scope, else the one float layer
+        with no node of its own between the layers around it, else from its neighbours."""
         scopes = self.stripped.scopes
         for node in self.graph.node:
             if _metadata(node, "layer") is None:
@@ -363,6 +368,7 @@ class _Annotator:
                     _set_metadata(node, layer=scopes[match.group(1)])
         producers = {output: node for node in self.graph.node for output in node.output}
         consumers = _consumers(self.graph)
+        self._layers_between(producers, consumers)
         changed = True
         while changed:
             changed = False
@@ -392,6 +398,58 @@ class _Annotator:
                 accumulator=record.accumulator_marker(),
                 accumulator_hls=record.accumulator and record.accumulator.hls(),
             )
+
+    def _layers_between(
+        self,
+        producers: dict[str, onnx.NodeProto],
+        consumers: defaultdict[str, list[onnx.NodeProto]],
+    ) -> None:
+        """Name the layer of each node tf2onnx named outside every scope.
+
+        tf2onnx names some nodes afresh (``Resize__29``: its transpose optimizer
+        rebuilds an UpSampling2D's Resize, and its constants), so the name says
+        nothing; their neighbours belong to the layers before and after. The node
+        computes a float layer that has no named node and lies between those layers
+        in the float model; it is taken when there is exactly one.
+        """
+        scopes = self.stripped.scopes
+        float_layer: dict[str, str] = {}  # node name -> the float layer named in it
+        for node in self.graph.node:
+            for name in (node.name, *node.output):
+                match = _SCOPE.search(name)
+                if match and match.group(1) in scopes:
+                    float_layer[node.name] = match.group(1)
+                    break
+        named = {layer: layer for layer in float_layer.values()}
+        inputs = _float_inputs(self.stripped.model)
+        outputs: defaultdict[str, list[str]] = defaultdict(list)
+        for layer, sources in inputs.items():
+            for source in sources:
+                outputs[source].append(layer)
+        between: defaultdict[tuple[frozenset[str], frozenset[str]], list[str]]
+        between = defaultdict(list)
+        for layer in inputs:
+            if layer in scopes and layer not in named:
+                before = _first_labelled(inputs[layer], named.get, inputs.__getitem__)
+                after = _first_labelled(outputs[layer], named.get, outputs.__getitem__)
+                between[before, after].append(layer)
+        upstream = {
+            node.name: [producers[name].name for name in node.input if name in producers]
+            for node in self.graph.node
+        }
+        downstream = {
+            node.name: [other.name for name in node.output for other in consumers[name]]
+            for node in self.graph.node
+        }
+
+        for node in self.graph.node:
+            if node.name in float_layer or _metadata(node, "layer") is not None:
+                continue
+            before = _first_labelled(upstream[node.name], float_layer.get, upstream.__getitem__)
+            after = _first_labelled(downstream[node.name], float_layer.get, downstream.__getitem__)
+            candidates = between.get((before, after), [])
+            if len(candidates) == 1:
+                _set_metadata(node, layer=scopes[candidates[0]])
 
     def output_names(self) -> None:
         """Name the graph outputs after the Keras model's outputs, not the float layers."""
@@ -425,13 +483,23 @@ class _Annotator:
             layout = graph_layout(len(value.type.tensor_type.shape.dim), channels_first)
             if layout is not None:
                 entries["tensor_layout"] = str(layout)
-            if not entries:
+            _annotate(self.graph, value.name, entries)
+
+    def rounding_annotations(self) -> None:
+        """An activation Quant's ``rounding_mode`` other than ROUND, on its output too.
+
+        FINN's conversion replaces the Quant by thresholds and forgets its rounding;
+        ``bnfold.finn``'s step reads it here (qonnx renames annotations with tensors).
+        """
+        initializers = {tensor.name for tensor in self.graph.initializer}
+        for node in self.graph.node:
+            if node.op_type != "Quant" or node.input[0] in initializers:
                 continue
-            annotation = onnx.TensorAnnotation(tensor_name=value.name)
-            for key, text in entries.items():
-                entry = annotation.quant_parameter_tensor_names.add()
-                entry.key, entry.value = key, text
-            self.graph.quantization_annotation.append(annotation)
+            mode = helper.get_attribute_value(
+                next(a for a in node.attribute if a.name == "rounding_mode")
+            ).decode()
+            if mode != "ROUND":
+                _annotate(self.graph, node.output[0], {ROUNDING_ANNOTATION: mode})
 
     def finish(self) -> None:
         """Add the new initializers, and each weight's Quant node just before its first consumer.
@@ -452,6 +520,52 @@ class _Annotator:
         del self.graph.initializer[:]
         self.graph.initializer.extend(live)
         self.model.opset_import.append(helper.make_opsetid(QONNX_DOMAIN, QONNX_OPSET))
+
+
+def _first_labelled(
+    start: list[str], label: Callable[[str], str | None], step: Callable[[str], list[str]]
+) -> frozenset[str]:
+    """The labels of the items first reached from ``start`` along ``step``: the walk
+    stops at each item that has one."""
+    found: set[str] = set()
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        item = todo.pop()
+        if item in seen:
+            continue
+        seen.add(item)
+        labelled = label(item)
+        if labelled is None:
+            todo.extend(step(item))
+        else:
+            found.add(labelled)
+    return frozenset(found)
+
+
+def _float_inputs(model: Any) -> dict[str, list[str]]:
+    """Each layer of the float model, by name, with the names of the layers it reads."""
+    inputs: dict[str, list[str]] = {}
+
+    def visit(layer: Any, values: list[str | None], path: str) -> list[str]:
+        inputs[layer.name] = [value for value in values if value is not None]
+        produced = layer.get_output_at(0)
+        return [layer.name] * (len(produced) if isinstance(produced, list | tuple) else 1)
+
+    propagate(model, [None] * len(model.inputs), visit)
+    return inputs
+
+
+def _annotate(graph: onnx.GraphProto, tensor: str, entries: dict[str, str]) -> None:
+    """Add ``entries`` to ``tensor``'s quantization annotation (made if it has none)."""
+    if not entries:
+        return
+    annotation = next((a for a in graph.quantization_annotation if a.tensor_name == tensor), None)
+    if annotation is None:
+        annotation = graph.quantization_annotation.add(tensor_name=tensor)
+    for key, text in entries.items():
+        entry = annotation.quant_parameter_tensor_names.add()
+        entry.key, entry.value = key, text
 
 
 def _infer_shapes(model: onnx.ModelProto) -> None:
@@ -564,6 +678,7 @@ def annotate(
     annotator.layer_metadata()
     annotator.output_names()
     annotator.interface_annotations(channels_first)
+    annotator.rounding_annotations()
     summary = {
         "layers": json.dumps([record.summary() for record in stripped.layers.values()]),
         **annotator.float_tail(),
