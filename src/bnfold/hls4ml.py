@@ -17,7 +17,10 @@ window is a depthwise convolution whose weights are all ``1/n``, a power of two,
 exactly by a 1-bit unsigned Quant node; hls4ml reads that, and computes it exactly. Over
 any other window (the DS-CNN's 25x5, a 6x6 global average) ``1/n`` is rounded to a grid
 fine enough that the mean is off by at most a quarter of the result's step (the node
-carries ``bnfold.rounded``); the result is typed as a float value (below).
+carries ``bnfold.rounded``); the result is typed as a float value (below). A QKeras pool
+with an ``average_quantizer``, exported as the pooling and Muls by ``n`` and by the
+quantized ``1/n``, becomes one depthwise convolution whose weights are that quantized
+``1/n``: the sum times it, as QKeras computes it.
 A ``Squeeze`` becomes the equivalent ``Reshape``. The exported file itself keeps the
 plain pooling nodes, which QONNX and FINN read as they are.
 
@@ -45,6 +48,7 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -311,14 +315,30 @@ def _average_pools_as_convolutions(model: ModelWrapper, fractional_bits: int) ->
 
     model = model.transform(InferShapes())
     producers = {output: node for node in model.graph.node for output in node.output}
-    nodes = []
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in model.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    nodes, fused, renamed = [], set(), {}
+    for node in model.graph.node:
+        if node.output[0] in fused:
+            continue
         if node.domain == "" and node.op_type in ("GlobalAveragePool", "AveragePool"):
-            nodes.extend(_pool_as_convolution(model, node, producers, fractional_bits) or [node])
+            muls = _average_quantizer_muls(model, node, consumers)
+            reciprocal = _scalar_constant(model, muls[1]) if muls else None
+            convolution = _pool_as_convolution(model, node, producers, fractional_bits, reciprocal)
+            nodes.extend(convolution or [node])
+            if convolution and muls:
+                # The Muls go; what they multiplied is their product now.
+                fused.update(mul.output[0] for mul in muls)
+                scaled = next(n for n in muls[0].input if model.get_initializer(n) is None)
+                renamed[scaled] = muls[1].output[0]
         elif node.domain == "" and node.op_type == "Squeeze":
             nodes.append(_squeeze_as_reshape(model, node))
         else:
             nodes.append(node)
+    for node in nodes:
+        node.output[:] = [renamed.get(name, name) for name in node.output]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return model.transform(InferShapes())
@@ -329,10 +349,16 @@ def _pool_as_convolution(
     node: onnx.NodeProto,
     producers: dict[str, onnx.NodeProto],
     fractional_bits: int,
+    reciprocal: float | None = None,
 ) -> list[onnx.NodeProto] | None:
     """Quant(``1/n`` weights) + depthwise Conv for one average, or None where hls4ml
     cannot compute it (padded or partial windows, or ``n`` not a power of two and an
-    input without a fixed-point type to size the weights by)."""
+    input without a fixed-point type to size the weights by).
+
+    With ``reciprocal``, the quantized ``1/n`` of a QKeras ``average_quantizer``
+    (:func:`_average_quantizer_muls`), the weights are that value, held exactly: the
+    Conv computes the sum times it, the pooling layer's output.
+    """
     shape = model.get_tensor_shape(node.input[0])
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     spatial = list(shape[2:])
@@ -346,7 +372,14 @@ def _pool_as_convolution(
             return None
     count = math.prod(kernel)
     averaged = _value_type(model, node.input[0], producers)
-    if count & (count - 1):
+    rounded = None
+    if reciprocal is not None:
+        weight_type = FixedPoint.narrowest_holding(
+            reciprocal, reciprocal, 1.0 / Fraction(reciprocal).denominator
+        )
+        accumulator = averaged and averaged.sum_of(count).product(weight_type)
+        weights = np.full((shape[1], 1, *kernel), reciprocal)
+    elif count & (count - 1):
         if averaged is None:
             return None
         weight_type = _rounded_reciprocal_type(count, averaged, fractional_bits)
@@ -356,17 +389,16 @@ def _pool_as_convolution(
         # 1/n = 2**-shift, held exactly by a 1-bit Quant node; the mean of n values
         # has the sum's range divided by n, and the step too.
         shift = count.bit_length() - 1
-        weight_type, rounded = FixedPoint(1, 1 - shift, False), None
+        weight_type = FixedPoint(1, 1 - shift, False)
         accumulator = averaged and FixedPoint(
             averaged.bits + shift, averaged.integer, averaged.signed
         )
+    if reciprocal is None:
+        weights = weight_type.quantize(np.full((shape[1], 1, *kernel), 1.0 / count))
     channels = shape[1]
     name = node.name or node.output[0]
     weight = f"{name}_average_weight"
-    model.set_initializer(
-        weight,
-        weight_type.quantize(np.full((channels, 1, *kernel), 1.0 / count)).astype(np.float32),
-    )
+    model.set_initializer(weight, weights.astype(np.float32))
     model.set_initializer(f"{weight}_scale", np.float32(weight_type.step))
     model.set_initializer(f"{weight}_zeropt", np.float32(0.0))
     model.set_initializer(f"{weight}_bitwidth", np.float32(weight_type.bits))
@@ -400,6 +432,52 @@ def _pool_as_convolution(
         rounded=rounded,
     )
     return [quant, convolution]
+
+
+def _average_quantizer_muls(
+    model: ModelWrapper, node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]
+) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """The Mul by the count and the Mul by the quantized ``1/count`` that the export writes
+    after a pool with a QKeras ``average_quantizer`` (past a Squeeze), or None.
+
+    QKeras computes ``(mean * n) * q(1/n)``. Over a power-of-two ``n`` the mean times
+    ``n`` is the sum, so a Conv with weights ``q(1/n)`` computes it exactly; otherwise
+    QKeras rounds the mean in float32 and the Conv's sum is the exact one. Left as Muls,
+    hls4ml 1.3.0 fails on them in its ``move_scales`` pass when a Conv reads them, and
+    without result types for them it merges them and the activation Quant after them
+    into the Conv, dropping that Quant's saturation (measured: a 2x2 average followed by
+    ``quantized_bits(8,2,1)``, up to 6.8 off).
+    """
+    layer = _metadata(node, "layer")
+    outputs = {tensor.name for tensor in model.graph.output}
+    tensor, muls = node.output[0], []
+    while layer is not None and len(muls) < 2:
+        readers = consumers[tensor]
+        if len(readers) != 1 or tensor in outputs or readers[0].domain != "":
+            return None
+        reader = readers[0]
+        if reader.op_type == "Mul" and _metadata(reader, "layer") == layer:
+            if _scalar_constant(model, reader) is None:
+                return None
+            muls.append(reader)
+        elif muls or reader.op_type != "Squeeze":
+            return None
+        tensor = reader.output[0]
+    shape = model.get_tensor_shape(node.input[0])
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    kernel = attributes.get("kernel_shape", shape[2:])
+    if not muls or _scalar_constant(model, muls[0]) != math.prod(kernel):
+        return None
+    return muls[0], muls[1]
+
+
+def _scalar_constant(model: ModelWrapper, node: onnx.NodeProto) -> float | None:
+    """The one constant value a binary op multiplies its other input by, or None."""
+    constants = [model.get_initializer(name) for name in node.input]
+    values = [value for value in constants if value is not None]
+    if len(node.input) != 2 or len(values) != 1 or np.asarray(values[0]).size != 1:
+        return None
+    return float(np.asarray(values[0]).reshape(()))
 
 
 def _rounded_reciprocal_type(count: int, averaged: FixedPoint, fractional_bits: int) -> FixedPoint:
