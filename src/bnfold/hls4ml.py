@@ -831,7 +831,10 @@ def convert_from_keras_model(
     - each input: the source quantizer's type, rounding and saturating as QKeras does;
     - each multiply-accumulate layer: ``accum`` and ``result`` the accumulator type, which
       holds every sum, bias included, so hls4ml neither truncates nor wraps before the
-      activation quantizes; a linear activation hls4ml splits off keeps that type;
+      activation quantizes; a linear activation hls4ml splits off keeps that type; a
+      separable convolution, which hls4ml splits in two layers, ``pointwise_accum`` the
+      accumulator type and ``depthwise_accum`` and ``depthwise_result`` the depthwise
+      stage's own, the type of the pointwise stage's input;
     - everything else as hls4ml's ``config_from_keras_model(granularity="name")`` sets it
       (weights, biases and activations from their QKeras quantizers).
 
@@ -891,6 +894,14 @@ def convert_from_keras_model(
             )
         accumulator = mac.types.accumulator.hls4ml_precision()
         layers[name]["Precision"].update(accum=accumulator, result=accumulator)
+        if mac.types.before is not None:
+            # hls4ml splits a separable convolution into a depthwise and a pointwise layer,
+            # whose accum are these (its configuration sets them "auto", which would win
+            # over accum); QKeras does not round between the two.
+            depthwise = mac.types.before.accumulator.hls4ml_precision()
+            layers[name]["Precision"].update(
+                depthwise_accum=depthwise, depthwise_result=depthwise, pointwise_accum=accumulator
+            )
         if f"{name}_linear" in layers:
             layers[f"{name}_linear"]["Precision"]["result"] = accumulator
     with _keras_2_for_hls4ml():
