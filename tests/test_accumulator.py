@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from qkeras import bn_folding_utils
@@ -11,7 +13,12 @@ from bnfold.accumulator import (
     mac_types,
     populate_bias_quantizer_from_accumulator,
 )
-from bnfold.errors import TypeInferenceError, UnsupportedLayerError, UntypedAccumulatorWarning
+from bnfold.errors import (
+    RangeWarning,
+    TypeInferenceError,
+    UnsupportedLayerError,
+    UntypedAccumulatorWarning,
+)
 from bnfold.fixedpoint import FixedPoint, QuantizerError
 from bnfold.folding import folded_layer_type
 from bnfold.keras import keras, qkeras, quantizers
@@ -249,3 +256,42 @@ def test_unsupported_layer_is_named_before_any_type_inference():
 def test_wrong_number_of_source_quantizers():
     with pytest.raises(ValueError, match="one quantizer per model input"):
         accumulator_types(builders.multi_io(), ["quantized_bits(8,3,1)"])
+
+
+def _product(bits: int) -> keras.Model:
+    """The Multiply of two inputs of quantized_bits(bits,4,1) (symmetric): 2 * bits bits."""
+    inputs = [keras.Input((16,), name=name) for name in ("a", "b")]
+    quantizer = f"quantized_bits({bits},4,1,alpha=1)"
+    factors = [qkeras.QActivation(quantizer, name=f"{x.name}_q")(x) for x in inputs]
+    return keras.Model(inputs, keras.layers.Multiply(name="product")(factors))
+
+
+def test_products_wider_than_float32_holds_warn_naming_the_layer_and_strict_refuses(tmp_path):
+    """QKeras rounds 32-bit products to float32's 24-bit significand, where fixed-point
+    hardware computes them exactly: the export warns (RangeWarning) and goes on exactly as
+    QKeras; strict refuses with a TypeInferenceError and writes nothing."""
+    model = _product(16)
+    sources = ["quantized_bits(16,4,1,alpha=1)"] * 2
+    message = r"24-bit significand.*layer='product' gives ap_fixed<32,9> \(31 bits"
+    with pytest.warns(RangeWarning, match=message):
+        bnfold.export_onnx(model, source_quantizers=sources)
+    output = tmp_path / "product.onnx"
+    with pytest.raises(TypeInferenceError, match=message):
+        bnfold.export_onnx(model, output, source_quantizers=sources, strict=True)
+    assert not output.exists()
+    with pytest.raises(TypeInferenceError, match=message):
+        accumulator_types(model, sources, strict=True)
+    # The warning is real: float32 rounds some of these products.
+    grid = FixedPoint.from_quantizer(sources[0])
+    rng = np.random.default_rng(0)
+    a, b = (grid.quantize(rng.uniform(grid.min, grid.max, (64, 16))) for _ in range(2))
+    computed = model.predict([a.astype(np.float32), b.astype(np.float32)], verbose=0)
+    assert np.any(computed != a * b)
+
+
+def test_products_float32_holds_give_no_warning():
+    """12-bit factors: 24-bit signed products, 23 bits besides the sign, exact in float32."""
+    sources = ["quantized_bits(12,4,1,alpha=1)"] * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RangeWarning)
+        bnfold.export_onnx(_product(12), source_quantizers=sources, strict=True)

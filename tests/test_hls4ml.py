@@ -26,6 +26,7 @@ from qonnx.util.cleanup import cleanup_model
 
 import bnfold
 import builders
+from bnfold.accumulator import mac_types
 from bnfold.errors import ExportError, UnsupportedLayerError
 from bnfold.export.__main__ import main
 from bnfold.export.verify import qonnx_outputs, sample_inputs
@@ -569,8 +570,38 @@ def _conv_depthwise_dense() -> tuple[keras.Model, list[str], list[np.ndarray]]:
     return model, sources, [np.concatenate([builders.grid_inputs(model)[0], extremes[0]])]
 
 
+def _conv_separable_dense() -> tuple[keras.Model, list[str], list[np.ndarray]]:
+    """A folded conv, a QSeparableConv2D with a bias quantizer of its own, a folded dense."""
+    inputs = keras.Input((8, 8, 2), name="image")
+    x = qkeras.QConv2DBatchnorm(
+        4, 3, kernel_quantizer=builders.SMALL_KERNEL, bias_quantizer=None, name="conv"
+    )(inputs)
+    x = qkeras.QActivation("quantized_relu(4,2)", name="conv_relu")(x)
+    x = qkeras.QSeparableConv2D(
+        3,
+        3,
+        depthwise_quantizer=builders.SMALL_KERNEL,
+        pointwise_quantizer="quantized_bits(5,1,1,alpha=1)",
+        bias_quantizer=builders.WIDE_BIAS,
+        name="separable",
+    )(x)
+    x = qkeras.QActivation("quantized_relu(6,3)", name="separable_relu")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    outputs = bnfold.layers.QDenseBatchnorm(
+        4, kernel_quantizer=builders.SMALL_KERNEL, bias_quantizer=None, name="dense"
+    )(x)
+    model = builders.randomize_batchnorm(keras.Model(inputs, outputs), seed=4)
+    rng = np.random.default_rng(4)
+    for variable in model.get_layer("separable").trainable_weights:
+        variable.assign(rng.normal(0, 0.6, variable.shape).astype(np.float32))
+    sources = [builders.INPUT_QUANTIZER]
+    extremes = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], 2)
+    return model, sources, [np.concatenate([builders.grid_inputs(model)[0], extremes[0]])]
+
+
 KERAS_ROUTE_MODELS = {
     "conv_depthwise_dense": _conv_depthwise_dense,
+    "conv_separable_dense": _conv_separable_dense,
     "dense_autoencoder": lambda: golden("dense_autoencoder"),
 }
 
@@ -588,6 +619,8 @@ def keras_route(request, tmp_path_factory):
         backend="Vitis",
         io_type="io_parallel",
     )
+    # Read now: hls4ml's compile() or TensorFlow may import Keras for good afterwards.
+    keras_after = sys.modules.get("keras")
     hls_model.compile()
     after = [str(layer.get_config().get("bias_quantizer")) for layer in model.layers]
     # What hls4ml computes is the QKeras model with its empty bias quantizers populated.
@@ -597,8 +630,8 @@ def keras_route(request, tmp_path_factory):
         inputs=inputs,
         expected=populated.predict(inputs, verbose=0),
         bias_quantizers=(bias_quantizers, after),
-        keras_before=keras_before,
-        accumulators=bnfold.accumulator_types(populated, sources),
+        keras=(keras_before, keras_after),
+        macs=mac_types(populated, sources),
     )
 
 
@@ -611,12 +644,22 @@ def test_keras_route_predicts_the_qkeras_outputs_bit_for_bit(keras_route):
 
 @pytest.mark.slow
 def test_keras_route_accumulators_are_bnfolds_and_nothing_else_changed(keras_route):
+    """Each MAC layer's accum_t is bnfold's accumulator; hls4ml splits a separable
+    convolution in two layers, and its depthwise one computes and outputs its own."""
     convert = keras_route.hls_model.config.backend.convert_precision_string
     layers = {layer.name: layer for layer in keras_route.hls_model.get_layers()}
-    for name, accumulator in keras_route.accumulators.items():
-        expected = convert(accumulator.hls4ml_precision())
-        assert layers[name].get_attr("accum_t").precision == expected, name
-    assert sys.modules.get("keras") is keras_route.keras_before
+    for name, mac in keras_route.macs.items():
+        expected = convert(mac.types.accumulator.hls4ml_precision())
+        if mac.types.before is None:
+            assert layers[name].get_attr("accum_t").precision == expected, name
+            continue
+        assert layers[f"{name}_pointwise"].get_attr("accum_t").precision == expected, name
+        depthwise = layers[f"{name}_depthwise"]
+        expected = convert(mac.types.before.accumulator.hls4ml_precision())
+        assert depthwise.get_attr("accum_t").precision == expected, name
+        assert depthwise.get_output_variable().type.precision == expected, name
+    before, after = keras_route.keras
+    assert after is before
 
 
 @pytest.mark.slow

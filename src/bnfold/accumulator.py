@@ -261,7 +261,12 @@ def infer_types(
 
     Raises:
         UnsupportedLayerError: a layer class or activation function bnfold has no entry for.
-        TypeInferenceError: with ``strict``, a MAC layer has no accumulator type.
+        TypeInferenceError: with ``strict``, a MAC layer has no accumulator type, or a
+            layer computes values wider than float32 holds exactly.
+
+    Warns:
+        RangeWarning: without ``strict``, a layer other than a MAC layer computes values
+            wider than float32 holds exactly (a Multiply's products), which QKeras rounds.
     """
     if mode not in ("widths", "weights"):
         raise ValueError(f"mode must be 'widths' or 'weights'. Received: mode={mode!r}")
@@ -276,7 +281,9 @@ def infer_types(
 
     def _layer_type(layer: Any, values: list[Typed], path: str) -> Typed:
         if mac_layer_type(layer) is None:
-            return layer_spec(layer).type_rule(layer, values)
+            output = layer_spec(layer).type_rule(layer, values)
+            _check_float32_exact(layer, path, values, output, strict)
+            return output
         value = values[0]
         if path in found:
             # A shared layer: one type must serve every call.
@@ -311,6 +318,40 @@ def infer_types(
     floats = [isinstance(value, Untyped) for value in sources]
     outputs_after_float = propagate(model, floats, follow_float)
     return TypeInference(found, layers, outputs, after_float, outputs_after_float)
+
+
+# float32's significand: it holds every value of a fixed-point type with at most this many
+# bits besides the sign, and TensorFlow rounds the values of a wider one.
+FLOAT32_SIGNIFICAND_BITS = 24
+
+
+def _check_float32_exact(
+    layer: Any, path: str, values: list[Typed], output: Typed, strict: bool
+) -> None:
+    """Warn, or with ``strict`` refuse, where a layer computes values float32 rounds.
+
+    QKeras computes every layer in float32; fixed-point hardware computes it exactly. A
+    layer other than a MAC layer that makes new values (a Multiply's products, an Add's
+    sums) whose type has more bits besides the sign than float32's significand, and more
+    than each of its inputs (a wider input was rounded before), gives values QKeras
+    rounds: the hardware's differ. MAC accumulators are checked at export against the
+    hardware's width (``warn_unrepresentable``).
+    """
+    if not isinstance(output, FixedPoint):
+        return
+    width = output.bits - output.signed
+    widths = [value.bits - value.signed for value in values if isinstance(value, FixedPoint)]
+    if width <= FLOAT32_SIGNIFICAND_BITS or any(width <= other for other in widths):
+        return
+    message = (
+        f"A {type(layer).__name__}'s values should fit float32's {FLOAT32_SIGNIFICAND_BITS}-bit "
+        "significand, in which QKeras computes them: it rounds wider ones, and fixed-point "
+        f"hardware does not. Received: layer={path!r} gives {output.hls()} ({width} bits "
+        "besides the sign); quantize its inputs to fewer bits"
+    )
+    if strict:
+        raise TypeInferenceError(message)
+    warnings.warn(message, RangeWarning, stacklevel=5)
 
 
 def mac_types(

@@ -94,8 +94,10 @@ class RangeWarning(BnfoldWarning):
 
     Issued for a bias beyond its bias quantizer's range (QKeras clips it, and the
     export keeps the clipped values; the message says "folded bias" for the bias of
-    a folded layer), and for an accumulator wider than
-    32 bits (more than the 32-bit integer many hardware kernels accumulate in).
+    a folded layer), for an accumulator wider than
+    32 bits (more than the 32-bit integer many hardware kernels accumulate in), and for
+    a layer such as a Multiply whose values are wider than float32's 24-bit significand
+    (QKeras rounds them; the hardware does not).
     """
 
 

@@ -236,6 +236,12 @@ _AVERAGE = (
     "yes, as a depthwise Conv, when unpadded: exact over a power-of-two window, else its "
     "weights 1/n rounded (see hls4ml below)"
 )
+# With an average_quantizer, QKeras computes (mean * n) * q(1/n): the sum times q(1/n).
+_QUANTIZED_AVERAGE_HLS4ML = (
+    "yes, as a depthwise Conv, when unpadded; with average_quantizer its weights are the "
+    "quantized 1/count: bit for bit over a power-of-two count, else exact where QKeras "
+    "rounds the mean in float32 (see hls4ml below)"
+)
 _BATCHNORM = (
     "BatchNormalization (4-D); Mul + Add (2-D)",
     "yes (BatchNormOnnx; Mul + Add with constants become ApplyAlpha)",
@@ -403,13 +409,13 @@ LAYERS: dict[str, LayerSpec] = {
                 (
                     "QAveragePooling2D",
                     "AveragePool",
-                    "no (its C simulation differs with average_quantizer; measured on 2x2)",
+                    _QUANTIZED_AVERAGE_HLS4ML,
                     "no (exact through step_streamline, then its AveragePool stays in software)",
                 ),
                 (
                     "QGlobalAveragePooling2D",
                     "ReduceMean or GlobalAveragePool",
-                    "yes over a power-of-two count",
+                    _QUANTIZED_AVERAGE_HLS4ML,
                     "partly (exact through step_streamline; its sum becomes GlobalAccPool, its "
                     "Mul by 1/count stays in software)",
                 ),
