@@ -10,7 +10,7 @@ N in 8, 32, 128 blocks (``--quick``: 8), this measures side by side:
 
 - bnfold: ``export_onnx(path, out)`` from a saved .h5, as a user runs it
   (verification on), each stage timed through ``on_stage`` (load, populate,
-  unfold, strip, convert = tf2onnx, annotate, verify, write). Its time without
+  unfold+strip, convert = tf2onnx, annotate, verify, write). Its time without
   verification is the total less the verify stage, which nothing after depends on;
 - the QKeras route a user would take without bnfold: ``qkeras.utils.load_qmodel``,
   ``bn_folding_utils.populate_bias_quantizer_from_accumulator`` (quantizer
@@ -77,7 +77,8 @@ VARIANTS = ("conv", "dense")
 INPUT_QUANTIZER = "quantized_bits(8,3,1,alpha=1)"
 KERNEL_QUANTIZER = "quantized_bits(4,0,1,alpha=1)"
 ACTIVATION = "quantized_relu(4,1)"
-BNFOLD_STAGES = ("load", "populate", "unfold", "strip", "convert", "annotate", "verify", "write")
+# bnfold.export.STAGES; written out so that this process need not import TensorFlow.
+BNFOLD_STAGES = ("load", "populate", "unfold+strip", "convert", "annotate", "verify", "write")
 QKERAS_STEPS = ("load", "populate", "unfold", "tf2onnx", "write")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1 << 20

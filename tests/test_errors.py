@@ -686,12 +686,13 @@ def _fail_with(error: Exception):
 @pytest.mark.parametrize(
     ("stage", "target", "error"),
     [
+        ("unfold+strip", "strip", AttributeError("keras internals")),
         ("convert", "convert", KeyError("tf2onnx internals")),
         ("annotate", "annotate", ValueError("unexpected graph")),
         ("verify", "verify_outputs", RuntimeError("executor broke")),
         ("write", "onnx.save", ValueError("serializer broke")),
     ],
-    ids=["convert", "annotate", "verify", "write"],
+    ids=["unfold+strip", "convert", "annotate", "verify", "write"],
 )
 def test_unexpected_failure_names_its_stage_and_keeps_output(
     valid_file, output, monkeypatch, stage, target, error
@@ -700,7 +701,9 @@ def test_unexpected_failure_names_its_stage_and_keeps_output(
         monkeypatch.setattr(onnx, "save", _fail_with(error))
     else:
         monkeypatch.setattr(bnfold.export.pipeline, target, _fail_with(error))
-    pattern = rf"^The {stage} stage of the export failed.*Received: {type(error).__name__}: "
+    pattern = (
+        rf"^The {re.escape(stage)} stage of the export failed.*Received: {type(error).__name__}: "
+    )
     with pytest.raises(ExportError, match=pattern) as raised:
         bnfold.export_onnx(valid_file, output, source_quantizers=builders.INPUT_QUANTIZER)
     assert raised.value.stage == stage and raised.value.__cause__ is error

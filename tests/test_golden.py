@@ -11,7 +11,9 @@ prints.
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,11 +21,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import onnx
 import pytest
 
+import bnfold
 import golden_records
 import make_golden
-from bnfold.export import standard_ops
+from bnfold.export import pipeline, standard_ops
+from bnfold.export.strip import strip
 from bnfold.export.verify import (
     FLOAT_TOLERANCE,
     ONE_SESSION,
@@ -31,6 +36,9 @@ from bnfold.export.verify import (
     sample_inputs,
 )
 from bnfold.fixedpoint import FixedPoint
+from bnfold.folding import folded_layer_type
+from bnfold.graph import iter_layers
+from bnfold.unfold import unfold_model
 from golden_records import GOLDEN, MODEL_NAMES, Difference, Recording
 
 MAX_MODEL_BYTES = 1_000_000
@@ -143,6 +151,104 @@ def test_float_tail_golden_models_have_float_outputs_and_untyped_layers():
     summary = json.loads(golden_records.paths("softmax_batchnorm_mlp")["onnx.json"].read_text())
     assert summary["metadata"]["bnfold.float_tail"]["outputs"] == ["softmax"]
     assert summary["op_counts"]["Softmax"] == 1
+
+
+# ------------------------------------------------------------------------ one Keras rebuild
+
+
+def _unfolding_first(model, *args, **kwargs):
+    """The strip stage as the export ran it before unfolding moved into it: on a copy of the
+    model unfolded by ``unfold_model`` (a Keras rebuild more)."""
+    return strip(unfold_model(model), *args, **kwargs)
+
+
+def _with_folded_classes(exported, folded):
+    """``exported`` with the layer classes of ``folded`` in its ``bnfold.layers`` table.
+
+    Stripping an unfolded model names its classes (QConv2D, ...); the export names
+    the user's (QConv2DBatchnorm, ...), as it did before when it told strip which
+    layers had been folded. Any other difference in the table stays.
+    """
+    folded_classes = {
+        path: (entry.plain.__name__, entry.folded)
+        for path, layer in iter_layers(folded)
+        if (entry := folded_layer_type(layer)) is not None
+    }
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(exported)
+    (entry,) = [entry for entry in renamed.metadata_props if entry.key == "bnfold.layers"]
+    layers = json.loads(entry.value)
+    for layer in layers:
+        plain, folded_class = folded_classes.get(layer["layer"], (None, None))
+        if layer["class"] == plain:
+            layer["class"] = folded_class
+    entry.value = json.dumps(layers)
+    return renamed
+
+
+# tf2onnx numbers the names it makes up (``MatMul_Gemm__6``) from one counter per process.
+_GENERATED_NUMBER = re.compile(r"__(\d+)")
+
+
+def _generated_names_renumbered(exported):
+    """A copy of ``exported`` with tf2onnx's name numbers renumbered in order of appearance,
+    wherever a tensor or node name appears: the graph, its annotations, the metadata.
+
+    The initializers and value infos, sets that tf2onnx lists in an order its names
+    decide, are sorted by their new names.
+    """
+    numbers: dict[str, int] = {}
+
+    def rename(text: str) -> str:
+        return _GENERATED_NUMBER.sub(
+            lambda match: f"__{numbers.setdefault(match.group(1), len(numbers))}", text
+        )
+
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(exported)
+    graph = renamed.graph
+    for node in graph.node:
+        node.name = rename(node.name)
+        node.input[:] = [rename(name) for name in node.input]
+        node.output[:] = [rename(name) for name in node.output]
+        for entry in node.metadata_props:
+            entry.value = rename(entry.value)
+    for named in (*graph.initializer, *graph.input, *graph.output, *graph.value_info):
+        named.name = rename(named.name)
+    for annotation in graph.quantization_annotation:
+        annotation.tensor_name = rename(annotation.tensor_name)
+        for entry in annotation.quant_parameter_tensor_names:
+            entry.value = rename(entry.value)
+    for entry in renamed.metadata_props:
+        entry.value = rename(entry.value)
+    for field in ("initializer", "value_info"):
+        entries = sorted(getattr(graph, field), key=lambda entry: entry.name)
+        graph.ClearField(field)
+        getattr(graph, field).extend(entries)
+    return renamed
+
+
+def _text_diff(expected, actual, lines: int = 40) -> str:
+    diff = difflib.unified_diff(
+        str(expected).splitlines(), str(actual).splitlines(), "unfolding first", "one rebuild"
+    )
+    return "\n".join(list(diff)[:lines])
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_one_rebuild_exports_the_file_unfolding_first_exported(golden, name, monkeypatch):
+    """The export unfolds while it strips; the whole file, graph, initializers bit for bit and
+    metadata, is the one it wrote when it unfolded the model first."""
+    model = golden(name)
+    monkeypatch.setattr(pipeline, "strip", _unfolding_first)
+    unfolding_first = bnfold.export_onnx(
+        GOLDEN / f"{name}.h5", source_quantizers=model.loaded.source_quantizers
+    )
+    expected = _generated_names_renumbered(
+        _with_folded_classes(unfolding_first, model.loaded.folded)
+    )
+    actual = _generated_names_renumbered(model.loaded.onnx_model)
+    assert actual.SerializeToString() == expected.SerializeToString(), _text_diff(expected, actual)
 
 
 # ------------------------------------------------------------------------ types and metadata

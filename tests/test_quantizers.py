@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -10,7 +12,7 @@ from onnx import helper
 import bnfold
 import builders
 from bnfold.errors import QuantizerError
-from bnfold.export.verify import sample_inputs
+from bnfold.export.verify import ONE_SESSION, sample_inputs
 from bnfold.fixedpoint import FixedPoint
 from bnfold.hls4ml import prepare_for_hls4ml
 from bnfold.keras import quantizers
@@ -59,11 +61,14 @@ def _quant_nodes(onnx_model, role):
     ],
 )
 def test_activation_quantizer_forms(exported, name, op, rounding):
+    """Each form, and verification of it in one onnxruntime session (its Quant as standard ops)."""
     _, onnx_model = exported[name]
     (node,) = _quant_nodes(onnx_model, "activation")
     assert node.op_type == op
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert attributes.get("rounding_mode", b"").decode() == (rounding or "")
+    metadata = {entry.key: entry.value for entry in onnx_model.metadata_props}
+    assert json.loads(metadata["bnfold.verification"])["executor"] == ONE_SESSION
 
 
 @pytest.mark.parametrize("name", ["po2-kernel", "po2-max1-kernel", "relu_po2-kernel"])

@@ -79,11 +79,15 @@ SCALES = {
 @pytest.mark.parametrize(
     ("bits", "signed", "narrow", "rounding"),
     [
-        *itertools.product((2, 4, 8), (True, False), (True, False), ("ROUND", "FLOOR", "CEIL")),
+        *itertools.product(
+            (2, 4, 8), (True, False), (True, False), ("ROUND", "FLOOR", "CEIL", "HALF_UP")
+        ),
         (1, True, False, "ROUND"),  # bipolar
         (1, False, False, "ROUND"),
         (24, True, True, "ROUND"),
         (26, False, False, "HALF_EVEN"),  # bounds not exact in float32
+        (24, True, True, "HALF_UP"),  # abs(y) + 0.5 rounds in float32
+        (26, False, False, "HALF_UP"),
     ],
 )
 @pytest.mark.parametrize("scale", list(SCALES), ids=list(SCALES))
@@ -98,13 +102,41 @@ def test_quant_as_standard_ops_equals_qonnx(bits, signed, narrow, rounding, scal
         assert actual.dtype == expected.dtype == np.float32
 
 
+def _bipolar_quant_model(scale: np.ndarray) -> onnx.ModelProto:
+    """One BipolarQuant node between a graph input and output of shape (1, CHANNELS)."""
+    node = helper.make_node("BipolarQuant", ["x", "scale"], ["y"], domain=QONNX_DOMAIN)
+    graph = helper.make_graph(
+        [node],
+        "bipolar_quant",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, CHANNELS])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, CHANNELS])],
+        [numpy_helper.from_array(np.asarray(scale, np.float32), "scale")],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX_DOMAIN, 1)]
+    )
+
+
+@pytest.mark.parametrize("scale", list(SCALES), ids=list(SCALES))
+def test_bipolar_quant_as_standard_ops_equals_qonnx(scale):
+    model = _bipolar_quant_model(SCALES[scale])
+    assert standard_ops.as_standard_ops(model) is not None
+    special = np.array([[np.nan, -np.inf, np.inf, -0.0]], np.float32)
+    inputs = [np.concatenate([_inputs(SCALES[scale], 2), special])]
+    (expected,) = qonnx_outputs(model, inputs)
+    (actual,) = qonnx_outputs(model, inputs, one_session=True)
+    np.testing.assert_array_equal(actual, expected)
+    assert actual.dtype == expected.dtype == np.float32
+    assert np.all(np.abs(actual) == SCALES[scale].astype(np.float32))
+
+
 @pytest.mark.parametrize(
     "model",
     [
-        _quant_model(4, True, False, "HALF_UP", np.array(0.25)),  # no ONNX op rounds so
+        _quant_model(4, True, False, "HALF_DOWN", np.array(0.25)),  # not written in ops here
         _quant_model(4, True, False, "ROUND", np.array(0.25), opset=10),  # before Round
     ],
-    ids=["half-up", "opset-10"],
+    ids=["half-down", "opset-10"],
 )
 def test_what_standard_ops_cannot_express_runs_in_qonnx(model):
     assert standard_ops.as_standard_ops(model) is None

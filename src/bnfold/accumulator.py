@@ -28,7 +28,7 @@ is the depthwise accumulator (``MacTypes.before``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -489,13 +489,13 @@ def _unquantized_bias(layer: Any) -> np.ndarray | None:
     return np.asarray(layer.bias, dtype=np.float32) if layer.use_bias else None
 
 
-def warn_unrepresentable(macs: dict[str, MacLayer], *, folded: Collection[str] = ()) -> None:
+def warn_unrepresentable(macs: dict[str, MacLayer]) -> None:
     """Warn, naming the layer, about numbers the fixed-point types do not hold.
 
     A bias beyond its quantizer's range is clipped by QKeras, and by the export
     that reproduces it, so this is a warning, not an error. Rounding (less than
-    half a step beyond the range) is not reported. ``folded`` names the layers of an
-    unfolded model that were folded layers, so that only their bias reads "folded bias".
+    half a step beyond the range) is not reported. Only a folded layer's bias
+    reads "folded bias".
     """
     for path, mac in macs.items():
         bias_type = mac.weights.bias_type
@@ -505,8 +505,7 @@ def warn_unrepresentable(macs: dict[str, MacLayer], *, folded: Collection[str] =
             low, high = (0.0, 0.0) if bias is None else (float(bias.min()), float(bias.max()))
             margin = bias_type.step / 2
             if low < bias_type.min - margin or high > bias_type.max + margin:
-                was_folded = path in folded or folded_layer_type(mac.layer) is not None
-                bias_kind = "folded bias" if was_folded else "bias"
+                bias_kind = "folded bias" if folded_layer_type(mac.layer) else "bias"
                 warnings.warn(
                     f"A {bias_kind} should lie within its bias quantizer's range; QKeras clips "
                     f"it, and so does the export. Received: layer={path!r} with {bias_kind} in "

@@ -13,7 +13,8 @@ here are derived from it.
 Export kinds (``LayerSpec.export``), one method each in the strip stage:
 
 - ``"mac"``: rebuilt as the plain Keras class ``float_class`` holding weight
-  markers; its kernel and bias quantizers become Quant nodes.
+  markers; its kernel and bias quantizers become Quant nodes. A folded layer is
+  one too: its markers stand for its folded weights (the strip stage unfolds).
 - ``"quantizer"``: the layer's quantizer becomes a Quant node.
 - ``"copy"``: rebuilt from its config with its weights; tf2onnx converts it.
 - ``"average"``: a QKeras average pooling layer: the float pooling layer, the
@@ -21,7 +22,6 @@ Export kinds (``LayerSpec.export``), one method each in the strip stage:
   with an ``average_quantizer``, and the activation's Quant.
 - ``"batchnorm"``: a Keras BatchNormalization holding the weights the layer
   computes with (QBatchNormalization: after its quantizers).
-- ``"unfolded"``: the unfold stage replaces it before the strip stage runs.
 """
 
 from __future__ import annotations
@@ -218,10 +218,12 @@ def _call(function: str, layer: Any, **defaults: Any) -> str:
 
 def _batchnorm(layer: Any) -> str:
     text = _call("batchnorm", layer, epsilon=1e-3)
+    # The quantizer objects: a layer read from a file keeps only their configs in
+    # ``gamma_quantizer``, ...
     quantizers = [
         f"{name}={quantizer}"
         for name in ("gamma", "beta", "mean", "variance")
-        if (quantizer := getattr(layer, f"{name}_quantizer", None)) is not None
+        if (quantizer := getattr(layer, f"{name}_quantizer_internal", None)) is not None
     ]
     return f"{text}, quantized {', '.join(quantizers)}" if quantizers else text
 
@@ -274,7 +276,7 @@ LAYERS: dict[str, LayerSpec] = {
         *(
             LayerSpec(
                 entry.folded,
-                "unfolded",
+                "mac",
                 f"as {entry.plain.__name__}",
                 "exact",
                 "yes",

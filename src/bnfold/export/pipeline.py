@@ -2,7 +2,12 @@
 
 ``export_onnx`` is the whole pipeline, one stage per line:
 
-    load -> populate -> unfold -> strip -> convert -> annotate -> verify -> write
+    load -> populate -> unfold+strip -> convert -> annotate -> verify -> write
+
+Unfolding and stripping are one pass, one Keras rebuild of the loaded model:
+each folded layer becomes the float layer holding its folded weights, computed
+by the folding code ``unfold_model`` uses (which a user calls to get the plain
+QKeras model).
 """
 
 from __future__ import annotations
@@ -36,13 +41,13 @@ from bnfold.fixedpoint import FixedPoint
 from bnfold.graph import iter_layers
 from bnfold.keras import keras
 from bnfold.loading import load_model
-from bnfold.unfold import copy_model, unfold_model
+from bnfold.unfold import copy_model
 
 __all__ = ["STAGES", "Verification", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("load", "populate", "unfold", "strip", "convert", "annotate", "verify", "write")
+STAGES = ("load", "populate", "unfold+strip", "convert", "annotate", "verify", "write")
 VERIFY_SAMPLES = 8
 # Of those, the samples with values off the source grids (checking the input Quant nodes).
 VERIFY_OFF_GRID = 2
@@ -227,14 +232,11 @@ def export_onnx(
         # The strip stage warns about the same layers, once, with the rest.
         warnings.simplefilter("ignore", UntypedAccumulatorWarning)
         populate_bias_quantizer_from_accumulator(model, sources, strict=strict and quantized)
-    notify("unfold")
-    unfolded = unfold_model(model)
-    notify("strip")
+    notify("unfold+strip")
     stripped = strip(
-        unfolded,
+        model,
         sources,
         batch_size=batch_size,
-        folded=model,
         per_channel_scales=per_channel_scales,
         strict=strict,
         quantized=quantized,

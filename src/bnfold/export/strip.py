@@ -1,4 +1,9 @@
-"""Strip: a plain QKeras model becomes a float Keras model plus a table of what was removed.
+"""Strip: a QKeras model becomes a float Keras model plus a table of what was removed.
+
+This is also where the export unfolds: a folded layer (QConv2DBatchnorm, ...)
+becomes the float layer holding its folded weights, computed by the folding code
+``unfold_model`` uses (``bnfold.mac.quantized_weights``), so the exporter rebuilds
+the model in Keras once after loading it, not once to unfold and again to strip.
 
 Converting QKeras layers with tf2onnx as they are inlines every quantizer as
 dozens of Round/Clip/Mul ops; the float model converts fast and clean. What the
@@ -34,8 +39,8 @@ from bnfold.accumulator import (
 )
 from bnfold.errors import QuantizerError, UnsupportedLayerError, UnsupportedShapeError
 from bnfold.fixedpoint import FixedPoint
-from bnfold.folding import constructor_arguments, folded_layer_type
-from bnfold.graph import iter_layers, propagate
+from bnfold.folding import constructor_arguments
+from bnfold.graph import propagate
 from bnfold.keras import keras, tf
 from bnfold.layer_table import layer_spec, mac_layer_type
 from bnfold.mac import QuantizedWeights
@@ -428,7 +433,11 @@ class _Stripper:
         if path not in self.float_layers:
             entry = mac_layer_type(layer)
             float_class = getattr(keras.layers, entry.float_class)
-            config = _float_config(layer, float_class) | {"name": self._scope(path)}
+            # A folded layer always has a folded bias, whatever its own use_bias says.
+            config = _float_config(layer, float_class) | {
+                "name": self._scope(path),
+                "use_bias": mac.weights.bias is not None,
+            }
             float_layer = float_class(**config)
             float_layer.build(tensor.shape)
             stages = _stages(mac.weights)
@@ -543,19 +552,18 @@ def strip(
     source_quantizers: list[Any],
     *,
     batch_size: int | None = 1,
-    folded: keras.Model | None = None,
     per_channel_scales: bool = True,
     strict: bool = False,
     quantized: bool = True,
 ) -> Stripped:
-    """Turn a plain (unfolded) QKeras model into a float model with markers, and its table.
+    """Turn a QKeras model into a float model with markers, and its table, unfolding as it goes.
 
     Args:
-        model: an unfolded model, bias quantizers populated.
+        model: a model with bias quantizers populated, its folded layers as they
+            are (or already unfolded: the float model is the same). The table
+            reports its layer classes, as the user knows them (QConv2DBatchnorm, ...).
         source_quantizers: one quantizer per model input (None for a float input).
         batch_size: the static batch size of the float model's inputs, or None.
-        folded: the model ``model`` was unfolded from, whose layer classes the
-            table reports (a user knows their layers as QConv2DBatchnorm, ...).
         per_channel_scales: keep per-channel power-of-two kernel scales as a
             scale tensor; False gives each kernel one scale and a wider bit width.
         strict: raise instead of warning when a MAC layer has no accumulator type.
@@ -580,10 +588,7 @@ def strip(
     types = infer_types(model, source_quantizers, strict=strict and quantized)
     if quantized:
         warn_untyped(types.macs)
-    folded_layers = list(iter_layers(folded)) if folded is not None else []
-    warn_unrepresentable(
-        types.macs, folded=[path for path, layer in folded_layers if folded_layer_type(layer)]
-    )
+    warn_unrepresentable(types.macs)
     stripper = _Stripper(types, per_channel_scales, quantized)
     inputs, starts = [], []
     for tensor, spec, quantizer in zip(model.inputs, specs, source_quantizers, strict=True):
@@ -598,9 +603,6 @@ def strip(
         stripper.layers[name].activation = quant.quantizer
         starts.append(stripper.point(placeholder, name, "input", quant, None))
     outputs = propagate(model, starts, stripper.visit)
-    for path, layer in folded_layers:
-        if path in stripper.layers:
-            stripper.layers[path].class_name = type(layer).__name__
     float_model = keras.Model(inputs, outputs, name=f"{model.name}_float")
     return Stripped(
         float_model,
