@@ -9,6 +9,7 @@ fixed point, of the type of the sum times the quantizer's type.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -122,6 +123,16 @@ def test_the_quantized_reciprocal_is_a_mul_after_the_count(exported):
     factors = [float(constants[name]) for node in muls for name in node.input if name in constants]
     reciprocal = float(model.get_layer("pool").average_quantizer_internal(np.float32(1 / 9)))
     assert factors == [9.0, reciprocal] and reciprocal != np.float32(1 / 9)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_layer_table_names_the_average_quantizer_as_its_kernel(exported, name):
+    """The quantized 1/count is the weight the average multiplies by; the table says so."""
+    model, onnx_model = exported[name]
+    metadata = {entry.key: entry.value for entry in onnx_model.metadata_props}
+    (pool,) = [row for row in json.loads(metadata["bnfold.layers"]) if row["layer"] == "pool"]
+    quantizer = model.get_layer("pool").average_quantizer
+    assert pool["kernel_quantizer"] == (None if quantizer is None else str(quantizer))
 
 
 # hls4ml computes the sum times the quantized 1/count; QKeras rounds the mean in float32

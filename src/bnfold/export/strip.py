@@ -380,6 +380,9 @@ class _Stripper:
         tensor = self._rebuilt(layer, tensors, path, float_class, config, [])
         quantizer = layer.average_quantizer_internal
         if quantizer is not None:
+            # The quantized 1/count is the one weight it multiplies by (a depthwise
+            # Conv's kernel, as hls4ml reads it); the table shows its quantizer there.
+            record.kernel_quantizer = describe(quantizer)
             area = np.float32(pooled_area(layer))
             reciprocal = np.float32(quantizer(np.float32(1.0) / area))
             tensor = _scaled(tensor, area, self._scope(path))
