@@ -1030,3 +1030,29 @@ def save_trained(model: keras.Model, path, seed: int = 0) -> None:
         model.compile(optimizer="adam", loss="mean_squared_error")
     model.fit(inputs, targets, batch_size=16, epochs=1, verbose=0)
     model.save(path)
+
+
+def save_pruned(model: keras.Model, checkpoint, stripped, seed: int = 0) -> None:
+    """``model`` pruned to 75% sparsity by tensorflow-model-optimization as hls4ml's tutorial
+    prunes, one short epoch: saved while still wrapped for pruning (what a ModelCheckpoint
+    during training writes) to ``checkpoint``, and after ``strip_pruning`` to ``stripped``."""
+    import tensorflow_model_optimization as tfmot
+
+    sparsity = tfmot.sparsity.keras
+    schedule = sparsity.ConstantSparsity(0.75, begin_step=0, frequency=1)
+    pruned = sparsity.prune_low_magnitude(model, pruning_schedule=schedule)
+    rng = np.random.default_rng(seed)
+    inputs = rng.uniform(0, 1, (64, *model.input_shape[1:])).astype(np.float32)
+    width = model.output_shape[-1]
+    targets = np.eye(width, dtype=np.float32)[rng.integers(0, width, 64)]
+    pruned.compile(optimizer="adam", loss="categorical_crossentropy")
+    pruned.fit(
+        inputs,
+        targets,
+        batch_size=16,
+        epochs=1,
+        verbose=0,
+        callbacks=[sparsity.UpdatePruningStep()],
+    )
+    pruned.save(checkpoint)
+    sparsity.strip_pruning(pruned).save(stripped)

@@ -15,8 +15,10 @@ Each model of ``builders.PUBLISHED_BUILDERS`` reproduces a published architectur
 
 One script that imports qkeras first (with TF_USE_LEGACY_KERAS=1) builds, compiles, fits
 for one short epoch on random data, and saves every model with ``model.save("x.h5")``;
-then one ``python -m bnfold.export`` run exports them all, verifying each. hls4ml's C
-simulation of each exported file runs under the slow marker.
+then one ``python -m bnfold.export`` run exports them all, verifying each. The same script
+prunes the tutorial's jet MLP as the tutorial does, and saves it stripped and as a
+checkpoint still wrapped for pruning. hls4ml's C simulation of each exported file runs
+under the slow marker.
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ sys.path.insert(0, sys.argv[1])
 import builders
 for name, build in builders.PUBLISHED_BUILDERS.items():
     builders.save_trained(build(), os.path.join(sys.argv[2], name + ".h5"))
+pruning = os.path.join(sys.argv[2], "pruning")
+os.mkdir(pruning)
+builders.save_pruned(
+    builders.hls4ml_tutorial_jet_mlp(),
+    os.path.join(pruning, "checkpoint.h5"),
+    os.path.join(pruning, "stripped.h5"),
+)
 """
 
 
@@ -124,6 +133,23 @@ def test_refused_model_fails_naming_the_layer_and_leaves_no_file(published, name
     assert line.startswith(f"failed  {name}.h5: {REFUSED[name]}"), line
     assert "layer=" in line
     assert not (published.directory / "out" / f"{name}.onnx").exists()
+
+
+def test_pruned_model_exports_once_stripped_and_its_checkpoint_says_so(published, capsys):
+    """hls4ml tutorial part 4 prunes the jet MLP with tensorflow-model-optimization and saves
+    it after strip_pruning; a checkpoint saved while pruning still has the wrappers, which
+    Keras cannot rebuild: the error says what to do, naming the layer."""
+    directory = published.directory / "pruning"
+    stripped, checkpoint = directory / "stripped.h5", directory / "checkpoint.h5"
+    assert main([str(stripped), "--input-quantizer", SOURCE]) == 0
+    assert "verified: QONNX equals QKeras exactly where" in capsys.readouterr().out
+    kernel = bnfold.load_model(stripped).get_layer("fc1").get_weights()[0]
+    assert np.mean(kernel == 0) == 0.75  # pruned, as the schedule asks
+    assert main([str(checkpoint), "--input-quantizer", SOURCE]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: A pruned model must be saved after ")
+    assert "layer='prune_low_magnitude_fc1' (PruneLowMagnitude wrapping QDense 'fc1')" in error
+    assert not checkpoint.with_suffix(".onnx").exists()
 
 
 def _qkeras_logits(model: keras.Model, inputs: list[np.ndarray]) -> np.ndarray:
