@@ -5,8 +5,8 @@ Each model of ``builders.PUBLISHED_BUILDERS`` reproduces a published architectur
 
 - google/qkeras examples/: example_mnist.py, example_mnist_po2.py, example_mnist_bn.py,
   example_qdense.py, example_keras_to_qkeras.py (example_ternary.py and example_b2t.py
-  build no model; example_qoctave.py is not feed-forward in the sense hls4ml and FINN
-  read, example_cifar10_po2.py and example_mnist_prune.py repeat what these cover);
+  build no model; example_qoctave.py, example_cifar10_po2.py, example_mnist_prune.py and
+  example_mnist_ae.py are not reproduced yet);
 - fastmachinelearning/hls4ml-tutorial: part 4's jet-tagging MLP and part 6's SVHN CNN
   (QConv2DBatchnorm, QDense + BatchNormalization, a float Dense output);
 - MLPerf Tiny v0.7 hls4ml-finn (hls4ml-finn-mlperftiny/tiny_results_v0.7): the image
