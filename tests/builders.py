@@ -705,3 +705,354 @@ def assert_qonnx_equals_qkeras(model, onnx_model, source: str, *, count: int, se
     inputs = sample_inputs(model, [FixedPoint.from_quantizer(source)], count=count, seed=seed)
     (result,) = qonnx_outputs(onnx_model, inputs)
     np.testing.assert_array_equal(result, model.predict(inputs, verbose=0))
+
+
+# Published QKeras models, small: each keeps the original's layer classes, quantizers
+# (with their exact arguments, as objects or strings as the original passes them),
+# activations, batch normalization and pooling; only filter and unit counts shrink, and
+# image sizes where a comment says (the hls4ml C simulation compiles in minutes otherwise).
+
+
+def _mnist_classifier(inputs, x, kernel_quantizer, bias_quantizer) -> keras.Model:
+    """The QKeras examples' last layers: Flatten, a 10-unit QDense "dense", a softmax."""
+    x = keras.layers.Flatten()(x)
+    x = q.QDense(
+        10, kernel_quantizer=kernel_quantizer, bias_quantizer=bias_quantizer, name="dense"
+    )(x)
+    x = keras.layers.Activation("softmax", name="softmax")(x)
+    return keras.Model(inputs=[inputs], outputs=[x])
+
+
+def qkeras_mnist() -> keras.Model:
+    """google/qkeras examples/example_mnist.py: strided QConv2D blocks with 4-bit kernels
+    and biases, quantized_relu(4,0), a QDense and a softmax."""
+    x = x_in = keras.Input((28, 28, 1), name="input")
+    for index, (filters, kernel) in enumerate(((4, 2), (6, 3), (6, 2))):
+        x = q.QConv2D(
+            filters,
+            (kernel, kernel),
+            strides=(2, 2),
+            kernel_quantizer=quantizers.quantized_bits(4, 0, 1),
+            bias_quantizer=quantizers.quantized_bits(4, 0, 1),
+            name=f"conv2d_{index}_m",
+        )(x)
+        x = q.QActivation("quantized_relu(4,0)", name=f"act{index}_m")(x)
+    return _mnist_classifier(
+        x_in, x, quantizers.quantized_bits(4, 0, 1), quantizers.quantized_bits(4, 0, 1)
+    )
+
+
+def qkeras_mnist_po2() -> keras.Model:
+    """google/qkeras examples/example_mnist_po2.py: a quantized_relu_po2 on the input,
+    QConv2D with quantized_po2 kernels and biases (one with stochastic rounding),
+    quantized_relu_po2 activations, a QDense and a softmax."""
+    x = x_in = keras.Input((28, 28, 1), name="input")
+    x = q.QActivation("quantized_relu_po2(4)", name="acti")(x)
+    settings = (
+        (4, 2, quantizers.quantized_po2(4, 1), "quantized_relu_po2(4,4)"),
+        (
+            6,
+            3,
+            quantizers.quantized_po2(4, 1),
+            "quantized_relu_po2(4,4,use_stochastic_rounding=True)",
+        ),
+        (6, 2, quantizers.quantized_po2(4, 1, use_stochastic_rounding=True), "quantized_relu(4,1)"),
+    )
+    for index, (filters, kernel, kernel_quantizer, activation) in enumerate(settings):
+        x = q.QConv2D(
+            filters,
+            (kernel, kernel),
+            strides=(2, 2),
+            kernel_quantizer=kernel_quantizer,
+            bias_quantizer=quantizers.quantized_po2(4, 1),
+            name=f"conv2d_{index}_m",
+        )(x)
+        x = q.QActivation(activation, name=f"act{index}_m")(x)
+    return _mnist_classifier(
+        x_in, x, quantizers.quantized_bits(4, 0, 1), quantizers.quantized_bits(4, 0, 1)
+    )
+
+
+def qkeras_mnist_bn() -> keras.Model:
+    """google/qkeras examples/example_mnist_bn.py (WITH_BN=1): ternary QConv2D without bias,
+    QBatchNormalization with power-of-two gamma, beta and variance quantizers,
+    quantized_relu(3,1), max pooling, a QDense with a quantized_ulaw kernel, a softmax.
+
+    The example's ``ternary(threshold=0.1)`` kernels fail in QKeras 0.9.0 itself (QConv2D
+    makes their alpha "auto_po2", and ternary then asserts that threshold is None), so
+    these are ``ternary(alpha=1, threshold=0.1)``, the closest kernel QKeras runs."""
+    x = x_in = keras.Input((28, 28, 1), name="input")
+    for index, filters in enumerate((4, 6, 4)):
+        x = q.QConv2D(
+            filters,
+            (3, 3),
+            strides=1,
+            kernel_quantizer=quantizers.ternary(alpha=1, threshold=0.1),
+            bias_quantizer=None,
+            bias_range=None,
+            use_bias=False,
+            name=f"conv2d_{index}_m",
+        )(x)
+        x = q.QBatchNormalization(
+            gamma_quantizer=quantizers.quantized_relu_po2(4, 8),
+            variance_quantizer=quantizers.quantized_relu_po2(6),
+            beta_quantizer=quantizers.quantized_po2(4, 4),
+            gamma_range=8,
+            beta_range=4,
+            name=f"bn{index}",
+        )(x)
+        x = q.QActivation("quantized_relu(3,1)", name=f"act{index}_m")(x)
+        x = keras.layers.MaxPooling2D(2, 2, name=f"mp_{index}")(x)
+    return _mnist_classifier(
+        x_in, x, quantizers.quantized_ulaw(4, 0, 1), quantizers.quantized_bits(4, 0, 1)
+    )
+
+
+def qkeras_qdense() -> keras.Model:
+    """google/qkeras examples/example_qdense.py: quantized_relu(4) on the flat MNIST input,
+    a QDense with ternary() weights, quantized_relu(2), a QDense and a softmax."""
+    x = x_in = keras.Input((784,), name="input")
+    x = q.QActivation("quantized_relu(4)", name="act_i")(x)
+    x = q.QDense(
+        16,
+        kernel_quantizer=quantizers.ternary(),
+        bias_quantizer=quantizers.quantized_bits(4, 0, 1),
+        name="dense0",
+    )(x)
+    x = q.QActivation("quantized_relu(2)", name="act0")(x)
+    x = q.QDense(
+        10,
+        kernel_quantizer=quantizers.quantized_bits(4, 0, 1),
+        bias_quantizer=quantizers.quantized_bits(4, 0, 1),
+        name="dense2",
+    )(x)
+    x = keras.layers.Activation("softmax", name="softmax")(x)
+    return keras.Model(inputs=[x_in], outputs=[x])
+
+
+def qkeras_keras_to_qkeras() -> keras.Model:
+    """google/qkeras examples/example_keras_to_qkeras.py: the model ``model_quantize`` makes of
+    the example's float Conv2D/relu/MaxPooling2D CNN with the example's dictionary: binary,
+    ternary and 4-bit kernels, quantized_relu(4,0) for every relu but act2_m's
+    quantized_relu(6,2), a QDense with 3-bit kernel and bias, a float softmax. Built
+    directly: QKeras 0.9.0's ``model_quantize`` itself fails on TensorFlow 2.21 (its
+    ``model_from_json`` cannot locate class 'QConv2D')."""
+    x = x_in = keras.Input((22, 22, 3), name="input")  # 32x32 in the example
+    kernels = ("binary()", "ternary()", "quantized_bits(4,0,1)")
+    activations = ("quantized_relu(4,0)", "quantized_relu(4,0)", "quantized_relu(6,2)")
+    for index, (filters, kernel, activation) in enumerate(
+        zip((4, 6, 4), kernels, activations, strict=True)
+    ):
+        x = q.QConv2D(
+            filters,
+            (3, 3),
+            strides=1,
+            kernel_quantizer=kernel,
+            bias_quantizer="quantized_bits(4,0,1)",
+            name=f"conv2d_{index}_m",
+        )(x)
+        x = q.QActivation(activation, name=f"act{index}_m")(x)
+        x = keras.layers.MaxPooling2D(2, 2, name=f"mp_{index}")(x)
+    return _mnist_classifier(x_in, x, "quantized_bits(3,0,1)", "quantized_bits(3,0,1)")
+
+
+def hls4ml_tutorial_jet_mlp() -> keras.Model:
+    """fastmachinelearning/hls4ml-tutorial part 4 (quantization): a Sequential jet-tagging
+    MLP of QDense layers with quantized_bits(6,0,alpha=1) kernels and biases, l1
+    regularizers, quantized_relu(6) objects and a softmax."""
+    regularizer = keras.regularizers.l1(0.0001)
+    layers = []
+    for index, units in enumerate((16, 8, 8), start=1):
+        layers.append(
+            q.QDense(
+                units,
+                name=f"fc{index}",
+                kernel_quantizer=quantizers.quantized_bits(6, 0, alpha=1),
+                bias_quantizer=quantizers.quantized_bits(6, 0, alpha=1),
+                kernel_initializer="lecun_uniform",
+                kernel_regularizer=regularizer,
+            )
+        )
+        layers.append(q.QActivation(activation=quantizers.quantized_relu(6), name=f"relu{index}"))
+    layers.append(
+        q.QDense(
+            5,
+            name="output",
+            kernel_quantizer=quantizers.quantized_bits(6, 0, alpha=1),
+            bias_quantizer=quantizers.quantized_bits(6, 0, alpha=1),
+            kernel_initializer="lecun_uniform",
+            kernel_regularizer=regularizer,
+        )
+    )
+    layers.append(keras.layers.Activation(activation="softmax", name="softmax"))
+    model = keras.Sequential([keras.Input((16,)), *layers])
+    return model
+
+
+def hls4ml_tutorial_cnn() -> keras.Model:
+    """fastmachinelearning/hls4ml-tutorial part 6 (CNNs, SVHN): QConv2DBatchnorm blocks
+    with quantized_bits(6,0,alpha=1) kernels and biases, quantized_relu(6) and max
+    pooling, QDense (no bias) + BatchNormalization + quantized_relu(6) blocks, a float
+    Dense output and a softmax."""
+    x = x_in = keras.Input(shape=(22, 22, 3))  # SVHN's 32x32 in the tutorial
+    for index, filters in enumerate((4, 4, 6)):
+        x = q.QConv2DBatchnorm(
+            int(filters),
+            kernel_size=(3, 3),
+            strides=(1, 1),
+            kernel_quantizer="quantized_bits(6,0,alpha=1)",
+            bias_quantizer="quantized_bits(6,0,alpha=1)",
+            kernel_initializer="lecun_uniform",
+            kernel_regularizer=keras.regularizers.l1(0.0001),
+            use_bias=True,
+            name=f"fused_convbn_{index}",
+        )(x)
+        x = q.QActivation("quantized_relu(6)", name=f"conv_act_{index}")(x)
+        x = keras.layers.MaxPooling2D(pool_size=(2, 2), name=f"pool_{index}")(x)
+    x = keras.layers.Flatten()(x)
+    for index, units in enumerate((8, 8)):
+        x = q.QDense(
+            units,
+            kernel_quantizer="quantized_bits(6,0,alpha=1)",
+            kernel_initializer="lecun_uniform",
+            kernel_regularizer=keras.regularizers.l1(0.0001),
+            name=f"dense_{index}",
+            use_bias=False,
+        )(x)
+        x = keras.layers.BatchNormalization(name=f"bn_dense_{index}")(x)
+        x = q.QActivation("quantized_relu(6)", name=f"dense_act_{index}")(x)
+    x = keras.layers.Dense(10, name="output_dense")(x)
+    x_out = keras.layers.Activation("softmax", name="output_softmax")(x)
+    return keras.Model(inputs=[x_in], outputs=[x_out], name="qkeras")
+
+
+def _eembc_conv(filters: int, kernel: int, stride: int, logit, layer=None) -> keras.layers.Layer:
+    """A convolution of resnet_v1_eembc_quantized: QConv2DBatchnorm unless ``layer`` says."""
+    return (layer or q.QConv2DBatchnorm)(
+        filters,
+        kernel_size=kernel,
+        strides=stride,
+        padding="same",
+        kernel_quantizer=logit,
+        bias_quantizer=logit,
+        kernel_initializer="he_normal",
+        kernel_regularizer=keras.regularizers.l1_l2(l1=0, l2=1e-4),
+    )
+
+
+def mlperf_tiny_resnet() -> keras.Model:
+    """MLPerf Tiny v0.7 hls4ml-finn image classification (RN07), resnet_v1_eembc_quantized
+    with its default arguments: QConv2DBatchnorm with quantized_bits(7,2,alpha=1) kernels
+    and biases, quantized_relu(7,2), QActivation(quantized_bits) on the branches of each
+    Add, a QConv2D on each strided skip, a QDense and a softmax."""
+    logit = quantizers.quantized_bits(7, 2, alpha=1, use_stochastic_rounding=False)
+    activation = quantizers.quantized_relu(7, 2, use_stochastic_rounding=False)
+    inputs = keras.Input(shape=(8, 8, 3))  # CIFAR-10's 32x32 in the submission
+    x = _eembc_conv(4, 3, 1, logit)(inputs)
+    x = q.QActivation(activation=activation)(x)
+    y = _eembc_conv(4, 3, 1, logit)(x)
+    y = q.QActivation(activation=activation)(y)
+    y = _eembc_conv(4, 3, 1, logit)(y)
+    y = q.QActivation(activation=logit)(y)
+    x = keras.layers.Add()([x, y])
+    x = q.QActivation(activation=activation)(x)
+    for filters in (6, 8):  # the second and third stacks: strides "212", kernels 3, 3, 1
+        y = _eembc_conv(filters, 3, 2, logit)(x)
+        y = q.QActivation(activation=activation)(y)
+        y = _eembc_conv(filters, 3, 1, logit)(y)
+        x = _eembc_conv(filters, 1, 2, logit, layer=q.QConv2D)(x)
+        x = q.QActivation(activation=logit)(x)
+        y = q.QActivation(activation=logit)(y)
+        x = keras.layers.Add()([x, y])
+        x = q.QActivation(activation=activation)(x)
+    y = keras.layers.Flatten()(x)
+    outputs = q.QDense(
+        10, kernel_quantizer=logit, bias_quantizer=logit, kernel_initializer="he_normal"
+    )(y)
+    outputs = keras.layers.Activation("softmax", name="softmax")(outputs)
+    return keras.Model(inputs=inputs, outputs=outputs)
+
+
+def mlperf_tiny_autoencoder() -> keras.Model:
+    """MLPerf Tiny v0.7 hls4ml-finn anomaly detection (AD08): get_qdense_batchnorm_model with
+    ad08.yml's settings (64 inputs, encode and decode depth 2, latent 8): QDenseBatchnorm
+    with quantized_bits(12,6,alpha=1) kernels and biases, quantized_relu(6,6), and a last
+    QDense with quantized_bits(12,0,alpha=1)."""
+    settings = {
+        "kernel_quantizer": quantizers.quantized_bits(12, 6, alpha=1),
+        "bias_quantizer": quantizers.quantized_bits(12, 6, alpha=1),
+        "kernel_initializer": "lecun_uniform",
+        "kernel_regularizer": keras.regularizers.l1(0),
+    }
+    folded = bnfold.layers.QDenseBatchnorm
+    input_layer = keras.Input(shape=(64,))
+    h = input_layer
+    for units in (12, 12, 8, 12, 12):  # encoder, latent, decoder (72 -> 12 units)
+        h = folded(units, **settings)(h)
+        h = q.QActivation(activation=quantizers.quantized_relu(6, 6))(h)
+    last = {
+        **settings,
+        "kernel_quantizer": quantizers.quantized_bits(12, 0, alpha=1),
+        "bias_quantizer": quantizers.quantized_bits(12, 0, alpha=1),
+    }
+    h = q.QDense(64, **last)(h)
+    return keras.Model(inputs=input_layer, outputs=h)
+
+
+PUBLISHED_BUILDERS = {
+    "qkeras_mnist": qkeras_mnist,
+    "qkeras_mnist_po2": qkeras_mnist_po2,
+    "qkeras_mnist_bn": qkeras_mnist_bn,
+    "qkeras_qdense": qkeras_qdense,
+    "qkeras_keras_to_qkeras": qkeras_keras_to_qkeras,
+    "hls4ml_tutorial_jet_mlp": hls4ml_tutorial_jet_mlp,
+    "hls4ml_tutorial_cnn": hls4ml_tutorial_cnn,
+    "mlperf_tiny_resnet": mlperf_tiny_resnet,
+    "mlperf_tiny_autoencoder": mlperf_tiny_autoencoder,
+}
+
+
+def save_trained(model: keras.Model, path, seed: int = 0) -> None:
+    """``model`` compiled, fitted for one short epoch on random data of its input shape,
+    and saved with ``model.save`` as its users save it (optimizer state and training
+    config in the file). Batch normalization statistics are randomized first."""
+    randomize_batchnorm(model, seed)
+    rng = np.random.default_rng(seed)
+    shape = model.input_shape
+    inputs = rng.uniform(0, 1, (64, *shape[1:])).astype(np.float32)
+    softmax = model.layers[-1].get_config().get("activation") == "softmax"
+    width = model.output_shape[-1]
+    if softmax:
+        targets = np.eye(width, dtype=np.float32)[rng.integers(0, width, 64)]
+        model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    else:
+        targets = rng.uniform(0, 1, (64, width)).astype(np.float32)
+        model.compile(optimizer="adam", loss="mean_squared_error")
+    model.fit(inputs, targets, batch_size=16, epochs=1, verbose=0)
+    model.save(path)
+
+
+def save_pruned(model: keras.Model, checkpoint, stripped, seed: int = 0) -> None:
+    """``model`` pruned to 75% sparsity by tensorflow-model-optimization as hls4ml's tutorial
+    prunes, one short epoch: saved while still wrapped for pruning (what a ModelCheckpoint
+    during training writes) to ``checkpoint``, and after ``strip_pruning`` to ``stripped``."""
+    import tensorflow_model_optimization as tfmot
+
+    sparsity = tfmot.sparsity.keras
+    schedule = sparsity.ConstantSparsity(0.75, begin_step=0, frequency=1)
+    pruned = sparsity.prune_low_magnitude(model, pruning_schedule=schedule)
+    rng = np.random.default_rng(seed)
+    inputs = rng.uniform(0, 1, (64, *model.input_shape[1:])).astype(np.float32)
+    width = model.output_shape[-1]
+    targets = np.eye(width, dtype=np.float32)[rng.integers(0, width, 64)]
+    pruned.compile(optimizer="adam", loss="categorical_crossentropy")
+    pruned.fit(
+        inputs,
+        targets,
+        batch_size=16,
+        epochs=1,
+        verbose=0,
+        callbacks=[sparsity.UpdatePruningStep()],
+    )
+    pruned.save(checkpoint)
+    sparsity.strip_pruning(pruned).save(stripped)

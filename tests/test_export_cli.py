@@ -212,7 +212,8 @@ def test_several_models_one_line_each_go_on_past_a_failure(tmp_path):
     assert [line.split()[0] for line in lines[:4]] == ["ok", "failed", "failed", "ok"]
     assert lines[0].startswith(f"ok      {mlp} -> out/jet_tagging_mlp.onnx: 8 layers, verified")
     assert "two_in_two_out.h5" in lines[1] and "one quantizer per model input" in lines[1]
-    assert "missing.h5" in lines[2]
+    # Each line leads with its file, even when the error names it too.
+    assert lines[2].startswith(f"failed  {tmp_path / 'missing.h5'}: The model file must exist.")
     assert lines[4].startswith("exported 2 of 4 models, 2 failed (")
     assert len(lines) == 5
     # The failed files leave nothing, not even a partial file.

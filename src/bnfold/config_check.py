@@ -301,7 +301,8 @@ def check_model_config(
         QuantizerError: a quantizer string or config bnfold's parser refuses.
         ModelTooLargeError: more than ``MAX_LAYERS`` layers, ``MAX_NESTING`` levels
             of nested models, or declared sizes that need more than ``max_memory``.
-        ModelFileError: a configuration that is not a model's.
+        ModelFileError: a configuration that is not a model's, or a layer still
+            wrapped for pruning (PruneLowMagnitude).
     """
     if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
         raise ModelFileError(
@@ -322,6 +323,8 @@ def check_model_config(
                 f"bnfold reads models of at most {MAX_LAYERS} layers "
                 f"(bnfold.config_check.MAX_LAYERS). Received: {str(path)!r} with more"
             )
+        if layer.get("class_name") == "PruneLowMagnitude":
+            raise _pruning_wrapper(layer, path)
         if safe:
             _check_layer_objects(layer, path)
         _check_quantizers(layer, path)
@@ -335,6 +338,29 @@ def check_model_config(
             f"{_size(needed)}; its largest layer {layer!r} has {_size(size)} of weights and "
             "activation"
         )
+
+
+def _pruning_wrapper(layer: dict, path: Path) -> ModelFileError:
+    """The error for a layer still wrapped for pruning (a checkpoint saved while pruning).
+
+    Measured: tensorflow-model-optimization 0.8.1 (QKeras's own dependency) cannot
+    rebuild its PruneLowMagnitude from an .h5 file with tf_keras 2.21, even in its
+    prune_scope ("could not be deserialized properly").
+    """
+    inner = layer.get("config")
+    wrapped = inner.get("layer") if isinstance(inner, dict) else None
+    what = (
+        f"{wrapped.get('class_name')} {_layer_name(wrapped)!r}"
+        if isinstance(wrapped, dict)
+        else "a layer"
+    )
+    return ModelFileError(
+        "A pruned model must be saved after tensorflow-model-optimization's strip_pruning "
+        "(Keras cannot rebuild the PruneLowMagnitude wrappers pruning adds, from this file or "
+        "with tfmot's prune_scope: strip them in the training script, "
+        "model = tfmot.sparsity.keras.strip_pruning(model), and save again). Received: "
+        f"{str(path)!r} with layer={_layer_name(layer)!r} (PruneLowMagnitude wrapping {what})"
+    )
 
 
 def _size(count: int) -> str:

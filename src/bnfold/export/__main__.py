@@ -369,7 +369,8 @@ def _export_several(
                 print(outcome.traceback, file=sys.stderr, end="", flush=True)
             if outcome.error:
                 failed += 1
-                line = f"failed  {outcome.error}"
+                # Each line leads with its file, even when the error names it too.
+                line = f"failed  {outcome.job.model}: {outcome.error}"
             else:
                 line = (
                     f"ok      {outcome.job.model} -> {outcome.job.output}: "

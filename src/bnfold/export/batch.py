@@ -84,7 +84,7 @@ def export_one(job: Job, debug: bool = False) -> Outcome:
             exported = export_onnx(job.model, job.output, source_quantizers=sources, **job.options)
             summary, error, trace = _summary(exported), "", ""
         except Exception as raised:  # each file's failure is its own line; the others go on
-            summary, error = "", failure_message(raised, model=job.model, debug=debug)
+            summary, error = "", failure_message(raised, debug=debug)
             trace = "".join(traceback.format_exception(raised)) if debug else ""
     return Outcome(
         job,
@@ -133,6 +133,4 @@ def export_each(jobs: Sequence[Job], *, workers: int = 1, debug: bool = False) -
                 try:
                     yield future.result()
                 except Exception as raised:  # the worker process died (out of memory, say)
-                    yield Outcome(
-                        job, 0.0, error=failure_message(raised, model=job.model, debug=debug)
-                    )
+                    yield Outcome(job, 0.0, error=failure_message(raised, debug=debug))
