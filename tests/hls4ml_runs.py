@@ -32,10 +32,27 @@ def hls4ml_model(cleaned: Any, config: dict, directory: Path) -> Any:
     )
 
 
+def compile_for_c_simulation(hls_model: Any) -> None:
+    """hls4ml's ``compile()``, with g++ at -O0 instead of the -O3 of its build script.
+
+    The C++ is hls4ml's, unchanged: ap_fixed arithmetic is integer arithmetic, and the
+    float tables are computed with SSE math either way, so the optimization level changes
+    no value; -O0 compiles in about 60% of the time (measured 7-9 s against 13 s), which
+    keeps the suite's 60-odd C simulations within the CI budget.
+    """
+    hls_model.write()
+    script = Path(hls_model.config.get_output_dir()) / "build_lib.sh"
+    text = script.read_text()
+    if 'CFLAGS="-O3 ' not in text:
+        raise RuntimeError(f"hls4ml's build script changed: {script} has no -O3 to replace")
+    script.write_text(text.replace('CFLAGS="-O3 ', 'CFLAGS="-O0 '))
+    hls_model._compile()  # compile() would write the build script again
+
+
 def compiled_hls4ml(onnx_model: Any, directory: Path, **options: Any) -> Any:
     """``prepare_for_hls4ml`` (with ``options``), then hls4ml's conversion, compiled."""
     hls_model = hls4ml_model(*prepare_for_hls4ml(onnx_model, **options), directory)
-    hls_model.compile()
+    compile_for_c_simulation(hls_model)
     return hls_model
 
 

@@ -34,7 +34,12 @@ from bnfold.fixedpoint import FixedPoint
 from bnfold.hls4ml import convert_from_keras_model, hls4ml_config, prepare_for_hls4ml
 from bnfold.keras import keras, qkeras
 from bnfold.mac import quantized_weights
-from hls4ml_runs import compiled_hls4ml, hls4ml_model, hls4ml_predictions
+from hls4ml_runs import (
+    compile_for_c_simulation,
+    compiled_hls4ml,
+    hls4ml_model,
+    hls4ml_predictions,
+)
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 # An MLP, a conv net with skip connections, a depthwise-separable net, two inputs and outputs,
@@ -86,7 +91,7 @@ def compiled(request, tmp_path_factory):
     )
     cleaned, config = prepare_for_hls4ml(onnx_model)
     hls_model = hls4ml_model(cleaned, config, tmp_path_factory.mktemp(name))
-    hls_model.compile()
+    compile_for_c_simulation(hls_model)
     return SimpleNamespace(
         name=name,
         onnx_model=onnx_model,
@@ -507,7 +512,7 @@ def test_hls4ml_computes_every_float_activation_it_reads(tmp_path):
     exported = bnfold.export_onnx(model, source_quantizers=sources, per_channel_scales=False)
     cleaned, config = prepare_for_hls4ml(exported)
     hls_model = hls4ml_model(cleaned, config, tmp_path)
-    hls_model.compile()
+    compile_for_c_simulation(hls_model)
     bnfold.populate_bias_quantizer_from_accumulator(model, sources)
     inputs = sample_inputs(model, [FixedPoint.from_quantizer(sources[0])], 64)
     predicted = hls_model.predict(np.ascontiguousarray(inputs[0]))
@@ -621,7 +626,7 @@ def keras_route(request, tmp_path_factory):
     )
     # Read now: hls4ml's compile() or TensorFlow may import Keras for good afterwards.
     keras_after = sys.modules.get("keras")
-    hls_model.compile()
+    compile_for_c_simulation(hls_model)
     after = [str(layer.get_config().get("bias_quantizer")) for layer in model.layers]
     # What hls4ml computes is the QKeras model with its empty bias quantizers populated.
     populated = bnfold.populate_bias_quantizer_from_accumulator(model, sources)
