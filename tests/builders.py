@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import json
 
+import h5py
 import numpy as np
 import onnx
 
@@ -1030,6 +1032,22 @@ def save_trained(model: keras.Model, path, seed: int = 0) -> None:
         model.compile(optimizer="adam", loss="mean_squared_error")
     model.fit(inputs, targets, batch_size=16, epochs=1, verbose=0)
     model.save(path)
+
+
+def rename_layer_classes(path, classes: dict[str, str]) -> None:
+    """Rename, in the .h5 file at ``path``, each layer of a Keras class in ``classes`` to
+    the QKeras class given, with the kernel and bias quantizers QKeras saved for the
+    model's first QConv2D: the file a stack where that QKeras class ran would save."""
+    with h5py.File(path, "r+") as file:
+        config = json.loads(file.attrs["model_config"])
+        layers = config["config"]["layers"]
+        qconv = next(layer["config"] for layer in layers if layer["class_name"] == "QConv2D")
+        for layer in layers:
+            if layer["class_name"] in classes:
+                layer["class_name"] = classes[layer["class_name"]]
+                for key in ("kernel_quantizer", "bias_quantizer"):
+                    layer["config"][key] = qconv.get(key)
+        file.attrs["model_config"] = json.dumps(config)
 
 
 def save_pruned(model: keras.Model, checkpoint, stripped, seed: int = 0) -> None:
