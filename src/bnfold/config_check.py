@@ -365,9 +365,10 @@ def check_model_config(
 def _pruning_wrapper(layer: dict, path: Path) -> ModelFileError:
     """The error for a layer still wrapped for pruning (a checkpoint saved while pruning).
 
-    Measured: tensorflow-model-optimization 0.8.1 (QKeras's own dependency) cannot
-    rebuild its PruneLowMagnitude from an .h5 file with tf_keras 2.21, even in its
-    prune_scope ("could not be deserialized properly").
+    Measured with tensorflow-model-optimization 0.8.1 (QKeras's own dependency) and
+    tf_keras 2.21: in its prune_scope it rebuilds a functional model wrapped whole
+    (google/qkeras examples/example_mnist_prune.py), but not hls4ml-tutorial part 4's
+    wrapped Sequential MLP ("could not be deserialized properly").
     """
     inner = layer.get("config")
     wrapped = inner.get("layer") if isinstance(inner, dict) else None
@@ -378,9 +379,9 @@ def _pruning_wrapper(layer: dict, path: Path) -> ModelFileError:
     )
     return ModelFileError(
         "A pruned model must be saved after tensorflow-model-optimization's strip_pruning "
-        "(Keras cannot rebuild the PruneLowMagnitude wrappers pruning adds, from this file or "
-        "with tfmot's prune_scope: strip them in the training script, "
-        "model = tfmot.sparsity.keras.strip_pruning(model), and save again). Received: "
+        "(bnfold does not rebuild the PruneLowMagnitude wrappers pruning adds: strip them "
+        "in the training script, model = tfmot.sparsity.keras.strip_pruning(model), and "
+        "save again; tfmot's prune_scope loads some such files, not all). Received: "
         f"{str(path)!r} with layer={_layer_name(layer)!r} (PruneLowMagnitude wrapping {what})"
     )
 
