@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import json
 
+import h5py
 import numpy as np
 import onnx
 
@@ -999,6 +1001,146 @@ def mlperf_tiny_autoencoder() -> keras.Model:
     return keras.Model(inputs=input_layer, outputs=h)
 
 
+def qkeras_cifar10_po2() -> keras.Model:
+    """google/qkeras examples/example_cifar10_po2.py: quantized_relu_po2(4,4) on the input,
+    QConv2D with quantized_po2(4,1) kernels and quantized_po2(4,4) biases (bias_range=4), a
+    ternary() activation, quantized_relu(6,2) and (4,2), a 4-bit QConv2D, max pooling, a
+    QDense with a quantized_ulaw(4,0,1) kernel and a softmax. 4, 6 and 4 filters (128, 256
+    and 128 in the example) on 22x22 images (CIFAR-10's 32x32)."""
+    x = x_in = keras.Input((22, 22, 3), name="input")
+    x = q.QActivation("quantized_relu_po2(4,4)", name="acti")(x)
+    po2 = quantizers.quantized_po2
+    settings = (  # a quantizer object per argument, as in the example
+        (4, po2(4, 1), po2(4, 4), 4, "ternary()"),
+        (6, po2(4, 1), po2(4, 4), 4, "quantized_relu(6,2)"),
+        (
+            4,
+            quantizers.quantized_bits(4, 0, 1),
+            quantizers.quantized_bits(4, 0, 1),
+            None,
+            "quantized_relu(4,2)",
+        ),
+    )
+    for index, (filters, kernel, bias, bias_range, activation) in enumerate(settings):
+        options = {} if bias_range is None else {"bias_range": bias_range}
+        x = q.QConv2D(
+            filters,
+            (3, 3),
+            strides=1,
+            kernel_quantizer=kernel,
+            bias_quantizer=bias,
+            name=f"conv2d_{index}_m",
+            **options,
+        )(x)
+        x = q.QActivation(activation, name=f"act{index}_m")(x)
+        x = keras.layers.MaxPooling2D(2, 2, name=f"mp_{index}")(x)
+    return _mnist_classifier(
+        x_in, x, quantizers.quantized_ulaw(4, 0, 1), quantizers.quantized_bits(4, 0, 1)
+    )
+
+
+def qkeras_mnist_ae() -> keras.Model:
+    """google/qkeras examples/example_mnist_ae.py: three valid QConv2D and three
+    QConv2DTranspose with quantized_bits(4,0,1) kernels and biases, each followed by
+    quantized_relu(4,0), a same-padded 1-filter QConv2D and a sigmoid. 6, 4, 2, 2, 4 and 6
+    filters (32, 16, 8, 8, 16, 32 in the example) on 12x12 images (MNIST's 28x28).
+
+    QKeras 0.9.0's QConv2DTranspose fails when called on TensorFlow 2.21, so the model is
+    built with Keras's Conv2DTranspose and ``SAVED_BY_OLDER_QKERAS`` turns those layers
+    into the QConv2DTranspose a stack where it ran would have saved."""
+    bits = quantizers.quantized_bits  # a quantizer object per argument, as in the example
+    x = x_in = keras.Input((12, 12, 1))
+    for filters in (6, 4, 2):
+        x = q.QConv2D(
+            filters,
+            kernel_size=(3, 3),
+            kernel_quantizer=bits(4, 0, 1),
+            bias_quantizer=bits(4, 0, 1),
+        )(x)
+        x = q.QActivation("quantized_relu(4,0)")(x)
+    for filters in (2, 4, 6):
+        x = keras.layers.Conv2DTranspose(filters, kernel_size=(3, 3))(x)
+        x = q.QActivation("quantized_relu(4,0)")(x)
+    x = q.QConv2D(
+        1,
+        kernel_size=(3, 3),
+        padding="same",
+        kernel_quantizer=bits(4, 0, 1),
+        bias_quantizer=bits(4, 0, 1),
+    )(x)
+    x = keras.layers.Activation("sigmoid")(x)
+    return keras.Model(inputs=[x_in], outputs=[x])
+
+
+def qkeras_mnist_prune() -> keras.Model:
+    """google/qkeras examples/example_mnist_prune.py with prune_whole_model: its
+    build_model is example_mnist.py's CNN (``qkeras_mnist``), wrapped whole by
+    tensorflow-model-optimization's prune_low_magnitude with ConstantSparsity(0.75,
+    begin_step=2000, frequency=100); the example saves it still wrapped."""
+    import tensorflow_model_optimization as tfmot
+
+    model = qkeras_mnist()
+    schedule = tfmot.sparsity.keras.ConstantSparsity(0.75, begin_step=2000, frequency=100)
+    return tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+
+
+# name: Keras class -> the QKeras class the published model has in its place.
+SAVED_BY_OLDER_QKERAS = {"qkeras_mnist_ae": {"Conv2DTranspose": "QConv2DTranspose"}}
+
+
+def qkeras_qoctave() -> keras.Model:
+    """google/qkeras examples/example_qoctave.py with its arguments: six QOctaveConv2D
+    blocks (separable, quantized_bits(4,1) depthwise, pointwise and bias quantizers, a
+    quantized_bits(6,2,1) depthwise activation, quantized_bits(16,7,1) accumulators,
+    quantized_relu(6,2)), UpSampling2D, a QConv2D with quantized_bits(4,0,1) and a
+    softmax. 8, 10, 10, 8, 8 and 8 filters (32, 64, 64, 32, 32, 32 in the example) on
+    32x32 images (256x256 in the example).
+
+    QKeras 0.9.0 itself fails to build it: its QOctaveConv2D passes arguments its own
+    layers do not accept: ``depthwise_activation`` and ranges to QSeparableConv2D, and
+    ``quantizer`` to QAveragePooling2D (with ``use_separable=False`` too)."""
+    initializer = keras.initializers.he_normal(seed=42)
+    common = {
+        "kernel_initializer": initializer,
+        "bias_initializer": "zeros",
+        "bias_quantizer": "quantized_bits(4,1)",
+        "depthwise_quantizer": "quantized_bits(4,1)",
+        "depthwise_activation": "quantized_bits(6,2,1)",
+        "pointwise_quantizer": "quantized_bits(4,1)",
+        "acc_quantizer": "quantized_bits(16,7,1)",
+        "activation": "quantized_relu(6,2)",
+        "use_separable": True,
+    }
+    blocks = (
+        ("block1_conv1", 8, 0.5, (2, 2), "valid"),
+        ("block2_conv1", 10, 0.4, (2, 2), "same"),
+        ("block3_conv1", 10, 0.4, (2, 2), "same"),
+        ("block3_conv2", 8, 0.4, (1, 1), "same"),
+        ("block3_conv3", 8, 0.3, (1, 1), "same"),
+        ("block3_conv_down", 8, 0.0, (2, 2), "same"),
+    )
+    x_in = keras.Input(shape=(32, 32, 3))
+    high, low = x_in, None
+    for name, filters, alpha, strides, padding in blocks:
+        high, low = q.QOctaveConv2D(
+            filters, (3, 3), alpha=alpha, strides=strides, padding=padding, name=name, **common
+        )([high, low])
+    x = keras.layers.UpSampling2D(size=(2, 2), data_format="channels_last")(high)
+    x = q.QConv2D(
+        2,
+        (2, 2),
+        strides=(1, 1),
+        kernel_initializer=initializer,
+        bias_initializer="ones",
+        kernel_quantizer=quantizers.quantized_bits(4, 0, 1),
+        bias_quantizer=quantizers.quantized_bits(4, 0, 1),
+        padding="same",
+        name="conv_up",
+    )(x)
+    x = keras.layers.Activation("softmax", name="softmax")(x)
+    return keras.Model(x_in, x, name="qoctave_network")
+
+
 PUBLISHED_BUILDERS = {
     "qkeras_mnist": qkeras_mnist,
     "qkeras_mnist_po2": qkeras_mnist_po2,
@@ -1009,27 +1151,65 @@ PUBLISHED_BUILDERS = {
     "hls4ml_tutorial_cnn": hls4ml_tutorial_cnn,
     "mlperf_tiny_resnet": mlperf_tiny_resnet,
     "mlperf_tiny_autoencoder": mlperf_tiny_autoencoder,
+    # Last: each build draws initial weights from Keras's global random state, so models
+    # added before others would change those models' weights.
+    "qkeras_cifar10_po2": qkeras_cifar10_po2,
+    "qkeras_mnist_ae": qkeras_mnist_ae,
+    "qkeras_mnist_prune": qkeras_mnist_prune,
 }
 
 
 def save_trained(model: keras.Model, path, seed: int = 0) -> None:
     """``model`` compiled, fitted for one short epoch on random data of its input shape,
     and saved with ``model.save`` as its users save it (optimizer state and training
-    config in the file). Batch normalization statistics are randomized first."""
+    config in the file). Batch normalization statistics are randomized first; a model
+    wrapped for pruning trains with tensorflow-model-optimization's UpdatePruningStep."""
     randomize_batchnorm(model, seed)
     rng = np.random.default_rng(seed)
     shape = model.input_shape
     inputs = rng.uniform(0, 1, (64, *shape[1:])).astype(np.float32)
-    softmax = model.layers[-1].get_config().get("activation") == "softmax"
-    width = model.output_shape[-1]
+    last = getattr(model.layers[-1], "layer", model.layers[-1])  # through a pruning wrapper
+    softmax = last.get_config().get("activation") == "softmax"
+    outputs = (64, *model.output_shape[1:])
     if softmax:
-        targets = np.eye(width, dtype=np.float32)[rng.integers(0, width, 64)]
+        width = outputs[-1]
+        targets = np.eye(width, dtype=np.float32)[rng.integers(0, width, outputs[:-1])]
         model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
     else:
-        targets = rng.uniform(0, 1, (64, width)).astype(np.float32)
+        targets = rng.uniform(0, 1, outputs).astype(np.float32)
         model.compile(optimizer="adam", loss="mean_squared_error")
-    model.fit(inputs, targets, batch_size=16, epochs=1, verbose=0)
+    callbacks = []
+    if any(type(layer).__name__ == "PruneLowMagnitude" for layer in model.layers):
+        import tensorflow_model_optimization as tfmot
+
+        callbacks.append(tfmot.sparsity.keras.UpdatePruningStep())
+    model.fit(inputs, targets, batch_size=16, epochs=1, verbose=0, callbacks=callbacks)
     model.save(path)
+
+
+def save_published(name: str, path) -> None:
+    """Published model ``name`` built, trained and saved by ``save_trained``; then, for a
+    model with layers QKeras 0.9.0 cannot call on TensorFlow 2.21, the file a stack where
+    they ran would have saved (``SAVED_BY_OLDER_QKERAS``)."""
+    save_trained(PUBLISHED_BUILDERS[name](), path)
+    if name in SAVED_BY_OLDER_QKERAS:
+        rename_layer_classes(path, SAVED_BY_OLDER_QKERAS[name])
+
+
+def rename_layer_classes(path, classes: dict[str, str]) -> None:
+    """Rename, in the .h5 file at ``path``, each layer of a Keras class in ``classes`` to
+    the QKeras class given, with the kernel and bias quantizers QKeras saved for the
+    model's first QConv2D: the file a stack where that QKeras class ran would save."""
+    with h5py.File(path, "r+") as file:
+        config = json.loads(file.attrs["model_config"])
+        layers = config["config"]["layers"]
+        qconv = next(layer["config"] for layer in layers if layer["class_name"] == "QConv2D")
+        for layer in layers:
+            if layer["class_name"] in classes:
+                layer["class_name"] = classes[layer["class_name"]]
+                for key in ("kernel_quantizer", "bias_quantizer"):
+                    layer["config"][key] = qconv.get(key)
+        file.attrs["model_config"] = json.dumps(config)
 
 
 def save_pruned(model: keras.Model, checkpoint, stripped, seed: int = 0) -> None:

@@ -8,7 +8,8 @@ import pytest
 
 import bnfold
 import bnfold.loading
-from bnfold.errors import ModelFileError, UnsafeModelError
+import builders
+from bnfold.errors import ModelFileError, UnsafeModelError, UnsupportedLayerError
 from bnfold.keras import keras, qkeras, tf
 
 # The one test that fails on the py3.10-tf2.15 row (README, "Supported versions"). There
@@ -121,6 +122,23 @@ def test_config_keras_cannot_rebuild_names_file_and_reason(model_bytes, tmp_path
     path.write_bytes(model_bytes.replace(b'"filters": 6,', b'"filters": 6;', 1))
     with pytest.raises(
         ModelFileError, match=r"model_config must be JSON.*bad_config.h5.*Expecting"
+    ):
+        bnfold.load_model(path)
+
+
+def test_qconv2dtranspose_from_an_older_stack_is_refused_naming_the_layer(tmp_path):
+    """Keras fails rebuilding it deep in the layer's call (array_ops.stack), naming neither
+    the layer nor what would work: the configuration check says both first."""
+    inputs = keras.Input((4, 4, 1))
+    x = qkeras.QConv2D(2, 3, kernel_quantizer="quantized_bits(4,0,1)", name="conv")(inputs)
+    x = keras.layers.Conv2DTranspose(2, 3, name="up")(x)
+    path = tmp_path / "transposed.h5"
+    keras.Model(inputs, x).save(path)
+    builders.rename_layer_classes(path, {"Conv2DTranspose": "QConv2DTranspose"})
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"QConv2DTranspose cannot be exported.*Conv2DTranspose exports\. "
+        r"Received: '.*transposed.h5' with layer='up'",
     ):
         bnfold.load_model(path)
 

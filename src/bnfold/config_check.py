@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bnfold.errors import ModelFileError, ModelTooLargeError, QuantizerError, UnsafeModelError
+from bnfold.errors import (
+    ModelFileError,
+    ModelTooLargeError,
+    QuantizerError,
+    UnsafeModelError,
+    UnsupportedLayerError,
+)
 from bnfold.quantizer_table import as_quantizer, is_quantizer_name
 
 # Modules a configuration may name: Keras would import any other one.
@@ -37,6 +43,15 @@ _VALUE_MARKERS = frozenset(
     | {"TypeSpec", "TensorShape"}
 )
 _MODEL_CLASSES = frozenset({"Sequential", "Functional", "Model"})
+# QKeras classes a file saved with an older stack may hold, which QKeras 0.9.0 cannot
+# call on TensorFlow 2.21: Keras would fail rebuilding the model without naming the layer.
+_UNCALLABLE = {
+    "QConv2DTranspose": (
+        "QKeras 0.9.0's layer fails when called on TensorFlow 2.21 (array_ops.stack is "
+        "gone), so Keras cannot rebuild the model and there is no QKeras result to "
+        "reproduce; Keras's Conv2DTranspose exports"
+    ),
+}
 # How many float32 copies of the weights and of the largest activation an export
 # holds at its peak (the folded, copied, unfolded and stripped models, TensorFlow's
 # graphs, tf2onnx, ONNX initializers, verification). Measured: a QDense of 115M
@@ -303,6 +318,8 @@ def check_model_config(
             of nested models, or declared sizes that need more than ``max_memory``.
         ModelFileError: a configuration that is not a model's, or a layer still
             wrapped for pruning (PruneLowMagnitude).
+        UnsupportedLayerError: a QKeras layer QKeras 0.9.0 cannot call on TensorFlow
+            2.21 (QConv2DTranspose).
     """
     if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
         raise ModelFileError(
@@ -325,6 +342,11 @@ def check_model_config(
             )
         if layer.get("class_name") == "PruneLowMagnitude":
             raise _pruning_wrapper(layer, path)
+        if layer.get("class_name") in _UNCALLABLE:
+            raise UnsupportedLayerError(
+                f"{layer['class_name']} cannot be exported: {_UNCALLABLE[layer['class_name']]}. "
+                f"Received: {str(path)!r} with layer={_layer_name(layer)!r}"
+            )
         if safe:
             _check_layer_objects(layer, path)
         _check_quantizers(layer, path)
@@ -343,9 +365,10 @@ def check_model_config(
 def _pruning_wrapper(layer: dict, path: Path) -> ModelFileError:
     """The error for a layer still wrapped for pruning (a checkpoint saved while pruning).
 
-    Measured: tensorflow-model-optimization 0.8.1 (QKeras's own dependency) cannot
-    rebuild its PruneLowMagnitude from an .h5 file with tf_keras 2.21, even in its
-    prune_scope ("could not be deserialized properly").
+    Measured with tensorflow-model-optimization 0.8.1 (QKeras's own dependency) and
+    tf_keras 2.21: in its prune_scope it rebuilds a functional model wrapped whole
+    (google/qkeras examples/example_mnist_prune.py), but not hls4ml-tutorial part 4's
+    wrapped Sequential MLP ("could not be deserialized properly").
     """
     inner = layer.get("config")
     wrapped = inner.get("layer") if isinstance(inner, dict) else None
@@ -356,9 +379,9 @@ def _pruning_wrapper(layer: dict, path: Path) -> ModelFileError:
     )
     return ModelFileError(
         "A pruned model must be saved after tensorflow-model-optimization's strip_pruning "
-        "(Keras cannot rebuild the PruneLowMagnitude wrappers pruning adds, from this file or "
-        "with tfmot's prune_scope: strip them in the training script, "
-        "model = tfmot.sparsity.keras.strip_pruning(model), and save again). Received: "
+        "(bnfold does not rebuild the PruneLowMagnitude wrappers pruning adds: strip them "
+        "in the training script, model = tfmot.sparsity.keras.strip_pruning(model), and "
+        "save again; tfmot's prune_scope loads some such files, not all). Received: "
         f"{str(path)!r} with layer={_layer_name(layer)!r} (PruneLowMagnitude wrapping {what})"
     )
 
