@@ -1045,7 +1045,7 @@ def qkeras_mnist_ae() -> keras.Model:
     quantized_relu(4,0), a same-padded 1-filter QConv2D and a sigmoid. 6, 4, 2, 2, 4 and 6
     filters (32, 16, 8, 8, 16, 32 in the example) on 12x12 images (MNIST's 28x28).
 
-    QKeras 0.9.0's QConv2DTranspose fails when called on TensorFlow 2.21, so the model is
+    QKeras 0.9.0's QConv2DTranspose fails when called on TensorFlow 2.15 and later, so the model is
     built with Keras's Conv2DTranspose and ``SAVED_BY_OLDER_QKERAS`` turns those layers
     into the QConv2DTranspose a stack where it ran would have saved."""
     bits = quantizers.quantized_bits  # a quantizer object per argument, as in the example
@@ -1188,9 +1188,13 @@ def save_trained(model: keras.Model, path, seed: int = 0) -> None:
 
 
 def save_published(name: str, path) -> None:
-    """Published model ``name`` built, trained and saved by ``save_trained``; then, for a
-    model with layers QKeras 0.9.0 cannot call on TensorFlow 2.21, the file a stack where
-    they ran would have saved (``SAVED_BY_OLDER_QKERAS``)."""
+    """Published model ``name`` built from seed 0, trained and saved by ``save_trained``;
+    then, for a model with layers QKeras 0.9.0 cannot call on TensorFlow 2.15 or later, the
+    file a stack where they ran would have saved (``SAVED_BY_OLDER_QKERAS``).
+
+    Seeding each build gives every model the same weights whatever the order of
+    ``PUBLISHED_BUILDERS`` (they came from Keras's global random state before)."""
+    keras.utils.set_random_seed(0)
     save_trained(PUBLISHED_BUILDERS[name](), path)
     if name in SAVED_BY_OLDER_QKERAS:
         rename_layer_classes(path, SAVED_BY_OLDER_QKERAS[name])

@@ -54,7 +54,7 @@ REFUSED = {
     # u-law companded weights lie on no uniform grid: no Quant node expresses them.
     "qkeras_mnist_bn": "quantized_ulaw has no fixed-point type",
     "qkeras_cifar10_po2": "quantized_ulaw has no fixed-point type",
-    # QKeras 0.9.0's QConv2DTranspose fails when called on TensorFlow 2.21.
+    # QKeras 0.9.0's QConv2DTranspose fails when called on TensorFlow 2.15 and later.
     "qkeras_mnist_ae": "QConv2DTranspose cannot be exported: QKeras 0.9.0's layer fails",
     # Saved still wrapped for pruning, as the example saves it: Keras cannot rebuild that.
     "qkeras_mnist_prune": "A pruned model must be saved after tensorflow-model-optimization",
@@ -200,7 +200,14 @@ def test_hls4ml_refuses_what_the_quantizer_table_says_it_cannot_read(
 def test_hls4ml_c_simulation_gives_the_qkeras_logits(published, name, tmp_path, capsys):
     """The hls4ml user's route: the CLI with --hls4ml-config, prepare_for_hls4ml on the
     file with the softmax skipped, hls4ml's C simulation. Logits QKeras computes in fixed
-    point are bit-exact; the float Dense output of the tutorial CNN is within 2**-9."""
+    point are bit-exact; the float Dense output of the tutorial CNN is within 2**-9.
+
+    That bound holds on this draw (``save_published`` seeds each build), not on every one:
+    hls4ml computes a batch normalization in fixed point (its scale and offset at 16
+    fractional bits), so where QKeras's float value lies within about 2**-16 of the next
+    quantized_relu(6)'s rounding tie hls4ml can round it the other way, one step of 2**-6,
+    which moves a logit by that step times a weight. Measured on seeds 0 to 6: two of the
+    seven draws had such a flip (logits 0.0083 and 0.0073 off, the same class)."""
     model_file = published.directory / f"{name}.h5"
     onnx_model = _export_for_hls4ml(model_file, tmp_path, capsys)
     model = bnfold.load_model(model_file)

@@ -44,12 +44,13 @@ _VALUE_MARKERS = frozenset(
 )
 _MODEL_CLASSES = frozenset({"Sequential", "Functional", "Model"})
 # QKeras classes a file saved with an older stack may hold, which QKeras 0.9.0 cannot
-# call on TensorFlow 2.21: Keras would fail rebuilding the model without naming the layer.
+# call on any TensorFlow bnfold supports (measured on 2.15 and 2.21): Keras would fail
+# rebuilding the model without naming the layer.
 _UNCALLABLE = {
     "QConv2DTranspose": (
-        "QKeras 0.9.0's layer fails when called on TensorFlow 2.21 (array_ops.stack is "
-        "gone), so Keras cannot rebuild the model and there is no QKeras result to "
-        "reproduce; Keras's Conv2DTranspose exports"
+        "QKeras 0.9.0's layer fails when called on TensorFlow 2.15 and later "
+        "(array_ops.stack is gone), so Keras cannot rebuild the model and there is no "
+        "QKeras result to reproduce; Keras's Conv2DTranspose exports"
     ),
 }
 # How many float32 copies of the weights and of the largest activation an export
@@ -319,7 +320,7 @@ def check_model_config(
         ModelFileError: a configuration that is not a model's, or a layer still
             wrapped for pruning (PruneLowMagnitude).
         UnsupportedLayerError: a QKeras layer QKeras 0.9.0 cannot call on TensorFlow
-            2.21 (QConv2DTranspose).
+            2.15 or later (QConv2DTranspose).
     """
     if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
         raise ModelFileError(
