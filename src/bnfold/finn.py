@@ -185,7 +185,8 @@ def _linear_weights_grid(model: ModelWrapper, node: Any) -> float | None:
 
 def _resize_grid(model: ModelWrapper, node: Any, grid: float) -> float | None:
     """Nearest copies input values (or, cropping, its extrapolation value); linear sums
-    them weighted (its weights' grid); cubic's grid is not followed."""
+    them weighted (its weights' grid); cubic's grid is not followed (bnfold's bicubic
+    UpSampling2D is float: its values are not TensorFlow's to the last bit anyway)."""
     mode = _attribute(node, "mode", b"nearest")
     if _attribute(node, "coordinate_transformation_mode", b"") == b"tf_crop_and_resize":
         if mode != b"nearest":
