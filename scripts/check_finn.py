@@ -5,7 +5,7 @@ FINN is too large for the test environment, so this runs from a separate one
 
     python -m venv finn-venv && finn-venv/bin/pip install finn-plus==1.6.1 psutil
     finn-venv/bin/python scripts/check_finn.py [NAME ...] [--builder NAME ...]
-        [--channels-first] [--round-half-even]
+        [--channels-first] [--round-half-even] [--keep DIR]
 
 Each golden model is exported by bnfold in a subprocess of the Python that has
 bnfold and TensorFlow (``--exporter``, by default the one the venv was made
