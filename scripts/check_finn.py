@@ -5,7 +5,7 @@ FINN is too large for the test environment, so this runs from a separate one
 
     python -m venv finn-venv && finn-venv/bin/pip install finn-plus==1.6.1 psutil
     finn-venv/bin/python scripts/check_finn.py [NAME ...] [--builder NAME ...]
-        [--channels-first] [--round-half-even]
+        [--channels-first] [--round-half-even] [--keep DIR]
 
 Each golden model is exported by bnfold in a subprocess of the Python that has
 bnfold and TensorFlow (``--exporter``, by default the one the venv was made
@@ -23,6 +23,9 @@ files (its source quantizers; sample inputs on their grids, as ``make_golden.py`
 makes them, with the QKeras outputs of the model read back) in a scratch directory,
 from which it goes through the same steps.
 
+``--keep DIR`` leaves the exports, the recorded test models and FINN's model after
+each step (``<name>_build/<step>.onnx``) in DIR.
+
 The table printed (Markdown) gives per model the furthest step passed, the
 maximum difference after each step, the ops ``step_convert_to_hw`` made hardware
 layers of (and those it left), and why the next step stopped; ``--json`` also
@@ -32,6 +35,7 @@ keeps each output's difference after the last step that ran.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import importlib.util
@@ -125,6 +129,9 @@ def record_builders(names: list[str], directory: Path) -> None:
     (``<name>.json``), and sample inputs on their grids with the outputs of the model
     read back from the file (``<name>.npz``), as ``make_golden.py`` makes them. A
     model that fails to build, save or load gets ``<name>.error`` instead, its error.
+    Weights come from a fixed seed; a published model (``builders.PUBLISHED_BUILDERS``)
+    is saved as ``tests/test_published.py`` saves it, batch normalization statistics
+    randomized and fitted one short epoch.
     """
     sys.path.insert(0, str(REPOSITORY / "tests"))
     import bnfold
@@ -135,10 +142,14 @@ def record_builders(names: list[str], directory: Path) -> None:
 
     for name in names:
         keras.backend.clear_session()
+        keras.utils.set_random_seed(BUILDER_SEED)  # the same weights on every run
         try:
             model, sources = builders.by_name(name)
             path = directory / f"{name}.h5"
-            model.save(path)
+            if name in builders.PUBLISHED_BUILDERS:
+                builders.save_trained(model, path)  # as tests/test_published.py saves them
+            else:
+                model.save(path)
             saved = bnfold.load_model(path)
             rng = np.random.default_rng(BUILDER_SEED)
             inputs = make_golden.sample_inputs(saved, tuple(sources), BUILDER_SAMPLES, rng)
@@ -229,6 +240,9 @@ def check(name: str, source: Path, arguments, finn, workspace: Path) -> dict:
                 traceback.print_exc()
             break
         result["furthest"] = step
+        if arguments.keep:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            model.save(str(Path(config.output_dir) / f"{step}.onnx"))
         if step == "step_convert_to_hw":
             result["hardware"] = hardware_summary(model)
         # The partition step returns the partition alone; its parent computes the model.
@@ -332,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the Python with bnfold and TensorFlow that exports the models",
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="work in DIR and leave there the exports and FINN's models after each step",
+    )
     parser.add_argument("--verbose", action="store_true", help="print tracebacks")
     parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)  # run by the exporter
     arguments = parser.parse_args(argv)
@@ -341,10 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     golden = arguments.models or ([] if arguments.builder else list(MODEL_NAMES))
     finn = _load_finn()
     results = []
-    with tempfile.TemporaryDirectory(prefix="check_finn_") as directory:
+    if arguments.keep:
+        arguments.keep.mkdir(parents=True, exist_ok=True)
+    kept = contextlib.nullcontext(arguments.keep) if arguments.keep else None
+    with kept or tempfile.TemporaryDirectory(prefix="check_finn_") as directory:
         workspace = Path(directory)
         built = workspace / "builders"
-        built.mkdir()
+        built.mkdir(exist_ok=True)
         record_in_exporter(arguments.builder, built, arguments.exporter)
         models = [(name, GOLDEN) for name in golden] + [(n, built) for n in arguments.builder]
         for name, source in models:

@@ -39,17 +39,33 @@ def _finn_activation(
     quantized activation, whose Quant rounded as ``rounding`` (annotated unless ROUND).
 
     ``between`` is a Resize mode (``"nearest"``, ``"linear"``): a Resize of the last
-    axis by ``factor``, with tf2onnx's coordinates for UpSampling2D.
+    axis by ``factor``, with tf2onnx's coordinates for UpSampling2D; or ``"hswish"``:
+    ``quantized_hswish``'s hard swish as bnfold exports it (tf2onnx's Select lowered to
+    Cast, Mul and Add; TensorFlow's division by 6 folded into a float32(1/6) factor).
     Returns the model and the integer levels its activation has (4 bits).
     """
     levels = np.arange(-8, 8) if signed else np.arange(0, 16)
     thresholds = ((levels[:-1] + 0.5) * STEP)[None, :].astype(np.float32)
-    width = 3 if between is None else 3 * factor
+    width = 3 if between in (None, "hswish") else 3 * factor
     nodes = [
         helper.make_node("MatMul", ["x", "weights"], ["products"]),
         helper.make_node("Mul", ["products", "half"], ["sums"]),
     ]
-    if between is not None:
+    if between == "hswish":
+        nodes += [
+            helper.make_node("Add", ["sums", "three"], ["shifted"]),
+            helper.make_node("Relu", ["shifted"], ["relu"]),
+            helper.make_node("LessOrEqual", ["shifted", "six"], ["below"]),
+            helper.make_node("Not", ["below"], ["above"]),
+            helper.make_node("Cast", ["above"], ["above_float"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["six", "above_float"], ["capped"]),
+            helper.make_node("Cast", ["below"], ["below_float"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["below_float", "relu"], ["kept"]),
+            helper.make_node("Add", ["kept", "capped"], ["clipped"]),
+            helper.make_node("Mul", ["sixth", "clipped"], ["factor"]),
+            helper.make_node("Mul", ["sums", "factor"], ["resized"]),
+        ]
+    elif between is not None:
         coordinates = "half_pixel" if between == "linear" else "tf_half_pixel_for_nn"
         nodes.append(
             helper.make_node(
@@ -88,6 +104,9 @@ def _finn_activation(
     model.set_initializer("weights", rng.integers(-3, 4, size=(4, 3)).astype(np.float32))
     model.set_initializer("half", np.array(0.5, dtype=np.float32))
     model.set_initializer("scales", np.array([1.0, factor], dtype=np.float32))
+    model.set_initializer("three", np.array(3.0, dtype=np.float32))
+    model.set_initializer("six", np.array(6.0, dtype=np.float32))
+    model.set_initializer("sixth", np.array(1 / 6, dtype=np.float32))
     model.set_initializer("thresholds", thresholds)
     model.set_initializer("offset", np.array(levels[0], dtype=np.float32))
     model.set_initializer("scale", np.array(STEP, dtype=np.float32))
@@ -153,13 +172,29 @@ def test_thresholds_after_resize_round_to_even(signed, between):
 
 
 def test_linear_resize_by_three_has_no_known_grid():
-    """Weights in thirds are no binary fractions: the thresholds after it are left alone."""
-    model, _ = _finn_activation(True, "FIXED<8,4>", between="linear", factor=3)
+    """Weights in thirds are no binary fractions: the thresholds after it move up to the
+    next float32, which still sends exactly the ties down."""
+    model, levels = _finn_activation(True, "FIXED<8,4>", between="linear", factor=3)
     assert tensor_grids(model)["sums"] == 2.0**-5
     assert tensor_grids(model)["resized"] is None
-    thresholds = model.get_initializer("thresholds").copy()
-    model = model.transform(RoundHalfToEven())
-    np.testing.assert_array_equal(model.get_initializer("thresholds"), thresholds)
+    x = _inputs()
+    expected, _ = _expected(model, x, levels, "ROUND")
+    np.testing.assert_array_equal(_run(step_round_half_to_even(model), x), expected)
+
+
+def test_hard_swish_ties_round_to_even():
+    """quantized_hswish: where it saturates, 6 * float32(1/6) is 1.0 and the sums reach the
+    thresholds as they are, ties included; their grid is lost in the float32(1/6) factor,
+    so the thresholds move to the next float32."""
+    model, levels = _finn_activation(False, "FIXED<8,4>", between="hswish")
+    grids = tensor_grids(model)
+    assert [grids[name] for name in ("below", "above_float", "clipped")] == [1.0, 1.0, 2.0**-5]
+    assert grids["factor"] < 2.0**-24  # float32(1/6)'s grid: no tie can be told apart
+    x = _inputs()
+    expected, ties = _expected(model, x, levels, "ROUND")
+    before = _run(model, x)
+    assert ties.any() and not np.array_equal(before, expected)
+    np.testing.assert_array_equal(_run(step_round_half_to_even(model), x), expected)
 
 
 def test_grids_follow_the_graph():
@@ -171,12 +206,19 @@ def test_grids_follow_the_graph():
     assert grids["counts"] == 1.0 and grids["y"] == STEP
 
 
-def test_unknown_grid_leaves_thresholds_alone():
-    """A float input has no grid: its ties cannot be told apart, so nothing moves."""
-    model, _ = _finn_activation(True, "FLOAT32")
+def test_unknown_grid_moves_thresholds_one_float32_up():
+    """A float input has no grid: the thresholds whose ties go down move to the next float32,
+    the others stay, and exactly the ties (which the input holds) go where the Quant said."""
+    model, levels = _finn_activation(True, "FLOAT32")
     thresholds = model.get_initializer("thresholds").copy()
-    model = model.transform(RoundHalfToEven())
-    np.testing.assert_array_equal(model.get_initializer("thresholds"), thresholds)
+    x = _inputs()
+    expected, ties = _expected(model, x, levels, "ROUND")
+    assert ties.any()
+    model = step_round_half_to_even(model)
+    moved = model.get_initializer("thresholds")
+    up = np.nextafter(thresholds, np.float32(np.inf))
+    np.testing.assert_array_equal(moved, np.where(levels[:-1] % 2 == 0, up, thresholds))
+    np.testing.assert_array_equal(_run(model, x), expected)
 
 
 def test_grids_of_value_copying_ops():

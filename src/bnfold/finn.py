@@ -14,9 +14,13 @@ input value lies strictly between a threshold and its raised value, so only the
 ties change. FINN's later ``RoundAndClipThresholds`` (a ceiling onto the integer
 input of a streamlined graph) keeps the difference. The grid step of each tensor
 is propagated from the graph inputs' datatypes and the constants, as powers of
-two, through what each op does to values; a threshold whose input grid is
-unknown (a float input, an average over a window that is not a power of two) is
-left alone, with a warning.
+two, through what each op does to values. Where the grid is unknown (a float
+input, an average over a window that is not a power of two, a product with a
+constant such as float32(1/6) whose grid is finer than float32 resolves) such a
+threshold moves up to the next float32 instead, with a warning: in the graph the
+step sees that still sends exactly the ties down, since no float32 lies between,
+but FINN's streamlining, which rescales and shifts thresholds in float32, may round
+so small a step away (then those ties go up again, as without the step).
 
 FINN's conversion drops the Quant node, and with it ``rounding_mode``, so bnfold
 writes a rounding mode other than QONNX's default ``ROUND`` into the quantization
@@ -35,7 +39,7 @@ import math
 from typing import Any
 
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 from qonnx.util.basic import get_by_name
@@ -70,6 +74,10 @@ _SAME_GRID = frozenset(
         "Neg",
         "Abs",
     )
+)
+# Ops whose outputs are 0 or 1 (booleans, which a Cast turns into numbers).
+_BOOLEAN = frozenset(
+    ("Not", "And", "Or", "Xor", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual")
 )
 # Ops whose output is on the finest grid of their inputs: sums, or some of their values.
 _FINEST_GRID = frozenset(("Add", "Sub", "Concat", "Max", "Min", "Clip"))
@@ -177,7 +185,8 @@ def _linear_weights_grid(model: ModelWrapper, node: Any) -> float | None:
 
 def _resize_grid(model: ModelWrapper, node: Any, grid: float) -> float | None:
     """Nearest copies input values (or, cropping, its extrapolation value); linear sums
-    them weighted (its weights' grid); cubic's grid is not followed."""
+    them weighted (its weights' grid); cubic's grid is not followed (bnfold's bicubic
+    UpSampling2D is float: its values are not TensorFlow's to the last bit anyway)."""
     mode = _attribute(node, "mode", b"nearest")
     if _attribute(node, "coordinate_transformation_mode", b"") == b"tf_crop_and_resize":
         if mode != b"nearest":
@@ -203,6 +212,17 @@ def _pad_grid(model: ModelWrapper, node: Any, grid: float) -> float | None:
     return _finest(grid, _power_of_two_grid(0.0 if constant is None else constant))
 
 
+def _cast_grid(node: Any, grid: float | None) -> float | None:
+    """A Cast to float32 or float64 keeps the values; to an integer type or bool it makes
+    integers (of the input's grid if that is whole); to a narrower float it may round."""
+    target = _attribute(node, "to", TensorProto.UNDEFINED)
+    if target in (TensorProto.FLOAT, TensorProto.DOUBLE):
+        return grid
+    if target in (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.STRING):
+        return None
+    return grid if grid is not None and grid >= 1 else 1.0
+
+
 def _output_grid(model: ModelWrapper, node: Any, grids: dict[str, float | None]) -> float | None:
     """The grid step of ``node``'s outputs, or None when it is not a known power of two."""
     inputs = [grids.get(name) for name in node.input if name]
@@ -212,6 +232,12 @@ def _output_grid(model: ModelWrapper, node: Any, grids: dict[str, float | None])
     if node.op_type == "Quant":
         scale = model.get_initializer(node.input[1])
         return float(np.min(scale)) if scale is not None and _is_power_of_two(scale) else None
+    if node.op_type in _BOOLEAN:
+        return 1.0
+    if node.op_type == "Cast":
+        return _cast_grid(node, inputs[0])
+    if node.op_type == "Where":  # values of its second input or of its third
+        return _finest(*inputs[1:])
     if not inputs or inputs[0] is None:
         return None
     if node.op_type in _SAME_GRID:
@@ -311,6 +337,19 @@ def rounding_mode(model: ModelWrapper, node: Any) -> str:
         tensor = consumers[0].output[0]
 
 
+def _raised_half_a_grid(
+    thresholds: np.ndarray, down: np.ndarray, grid: float | None
+) -> np.ndarray | None:
+    """``thresholds`` on the input grid where ``down``, raised by half of it; None if the grid
+    is not known or float32 cannot hold the raised values."""
+    if grid is None or not math.isfinite(grid):
+        return None
+    exact = thresholds.astype(np.float64)
+    ties = (np.mod(exact, grid) == 0) & down
+    raised = np.where(ties, exact + grid / 2, exact).astype(np.float32)
+    return raised if np.array_equal(raised.astype(np.float64) > exact, ties) else None
+
+
 class RoundHalfToEven(Transformation):
     """Raise the thresholds of each MultiThreshold where its Quant rounds a tie down.
 
@@ -336,29 +375,26 @@ class RoundHalfToEven(Transformation):
                 )
                 continue
             thresholds = model.get_initializer(node.input[1])
-            grid = grids.get(node.input[0])
             levels = _lower_levels(model, node, thresholds.shape[1])
-            if grid is None or not math.isfinite(grid) or levels is None:
+            if levels is None:
                 logger.warning(
-                    "MultiThreshold %s left rounding halves up: the grid of its input %s or "
-                    "its levels are not known",
+                    "MultiThreshold %s left rounding halves up: its levels are not integers",
                     node.name,
-                    node.input[0],
                 )
                 continue
             rows = max(thresholds.shape[0], levels.shape[0])
-            thresholds = np.broadcast_to(thresholds, (rows, thresholds.shape[1])).astype(np.float64)
-            levels = np.broadcast_to(levels, thresholds.shape)
-            ties = (np.mod(thresholds, grid) == 0) & _TIE_GOES_DOWN[mode](levels)
-            raised = np.where(ties, thresholds + grid / 2, thresholds).astype(np.float32)
-            if not np.array_equal(raised.astype(np.float64) > thresholds, ties):
+            thresholds = np.broadcast_to(thresholds.astype(np.float32), (rows, thresholds.shape[1]))
+            down = _TIE_GOES_DOWN[mode](np.broadcast_to(levels, thresholds.shape))
+            raised = _raised_half_a_grid(thresholds, down, grids.get(node.input[0]))
+            if raised is None:
                 logger.warning(
-                    "MultiThreshold %s left rounding halves up: half its input grid (%g) is "
-                    "below float32 precision at its thresholds",
+                    "MultiThreshold %s: the grid of its input %s is not known (or half of it "
+                    "is below float32 precision); thresholds raised to the next float32, "
+                    "which FINN's streamlining may round away when it moves them",
                     node.name,
-                    grid,
+                    node.input[0],
                 )
-                continue
+                raised = np.where(down, np.nextafter(thresholds, np.float32(np.inf)), thresholds)
             model.set_initializer(node.input[1], raised)
         return model, False
 

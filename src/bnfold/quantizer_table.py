@@ -744,7 +744,9 @@ QUANTIZERS: dict[str, QuantizerKind] = {
             "hard swish (Add, LessOrEqual, Not, Cast, Relu, Mul) + Quant",
             _FLOAT_OP_EXACT,
             "no (no handler for LessOrEqual)",
-            "no (its Not and Cast stay in software at step_convert_to_hw)",
+            "no (exact through step_streamline with --round-half-even; at step_convert_to_hw its"
+            " LessOrEqual becomes a hardware layer with a float output, which the Not left in"
+            " software refuses)",
         ),
         QuantizerKind("bernoulli", None, _RANDOM, None, *_REFUSED),
         QuantizerKind(
