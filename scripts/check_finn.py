@@ -130,8 +130,8 @@ def record_builders(names: list[str], directory: Path) -> None:
     read back from the file (``<name>.npz``), as ``make_golden.py`` makes them. A
     model that fails to build, save or load gets ``<name>.error`` instead, its error.
     Weights come from a fixed seed; a published model (``builders.PUBLISHED_BUILDERS``)
-    is saved as ``tests/test_published.py`` saves it, batch normalization statistics
-    randomized and fitted one short epoch.
+    is the file ``tests/test_published.py`` saves (``builders.save_published``: its own
+    seed, batch normalization statistics randomized, fitted one short epoch).
     """
     sys.path.insert(0, str(REPOSITORY / "tests"))
     import bnfold
@@ -144,11 +144,12 @@ def record_builders(names: list[str], directory: Path) -> None:
         keras.backend.clear_session()
         keras.utils.set_random_seed(BUILDER_SEED)  # the same weights on every run
         try:
-            model, sources = builders.by_name(name)
             path = directory / f"{name}.h5"
             if name in builders.PUBLISHED_BUILDERS:
-                builders.save_trained(model, path)  # as tests/test_published.py saves them
+                builders.save_published(name, path)  # the file tests/test_published.py saves
+                sources = [builders.INPUT_QUANTIZER]
             else:
+                model, sources = builders.by_name(name)
                 model.save(path)
             saved = bnfold.load_model(path)
             rng = np.random.default_rng(BUILDER_SEED)
